@@ -1,0 +1,80 @@
+"""timm backbones with `features_only` multi-scale maps (EfficientNet-Lite0, ResNet, DINOv2/DINOv3 ViTs)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from anomaly_core.backbones.weights import (
+    EFFNET_LITE0_PACKAGE,
+    efficientnet_lite0_package_state,
+    is_local_file,
+    is_random,
+    load_state_dict_file,
+)
+from anomaly_core.errors import ConfigError, WeightsError
+
+
+def _build(name: str, pretrained: str | None) -> nn.Module:
+    """A full timm model (with head) carrying the requested weights."""
+    import timm
+
+    if is_random(pretrained):
+        return timm.create_model(name, pretrained=False)
+    if pretrained == EFFNET_LITE0_PACKAGE:
+        if name != "efficientnet_lite0":
+            raise ConfigError(f"pretrained={EFFNET_LITE0_PACKAGE} only fits efficientnet_lite0, not {name}")
+        model = timm.create_model(name, pretrained=False)
+        model.load_state_dict(efficientnet_lite0_package_state(model))
+        return model
+    if is_local_file(pretrained):
+        model = timm.create_model(name, pretrained=False)
+        state = load_state_dict_file(pretrained)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if len(missing) > len(model.state_dict()) // 2:
+            raise WeightsError(f"{pretrained} does not fit timm model {name} ({len(missing)} tensors missing)")
+        return model
+    try:  # a hub tag such as "timm/vit_small_patch14_dinov2.lvd142m" or "default"
+        return timm.create_model(name if pretrained in ("default", "hub") else pretrained, pretrained=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"cannot load timm weights '{pretrained}' for {name} offline ({type(exc).__name__}); "
+            f"set backbones.visual.pretrained=/path/to/weights.safetensors"
+        ) from exc
+
+
+class TimmBackbone(nn.Module):
+    """Frozen timm model returning feature maps [B, C_j, h_j, w_j] at `levels` (timm `out_indices`)."""
+
+    kind = "visual"
+
+    def __init__(self, name: str, pretrained: str | None, levels: Sequence[int], image_size: int = 224):
+        super().__init__()
+        import timm
+
+        self.name, self.pretrained = name, "random" if is_random(pretrained) else str(pretrained)
+        self.untrained = is_random(pretrained)
+        self.levels = [int(v) for v in levels]
+        self.image_size = int(image_size)
+        full = _build(name, pretrained)
+        cfg = full.pretrained_cfg or {}
+        self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        kwargs = {"img_size": self.image_size} if "vit" in name or "dino" in name else {}
+        try:
+            self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(self.levels), **kwargs)
+        except (IndexError, ValueError, AssertionError) as exc:
+            raise ConfigError(f"backbones.visual.levels={self.levels} do not exist for {name}: {exc}") from exc
+        missing, _ = self.model.load_state_dict(full.state_dict(), strict=False)
+        if missing:
+            raise WeightsError(f"{name}: features_only model lacks {len(missing)} weights, e.g. {missing[0]}")
+        self.model.eval().requires_grad_(False)
+        self.channels = list(self.model.feature_info.channels())
+        self.reductions = list(self.model.feature_info.reduction())
+
+    def forward(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """images [B,3,S,S] normalised -> {"levels": [B, C_j, S/r_j, S/r_j] per level}."""
+        feats = self.model(images)
+        feats = [f if f.ndim == 4 else f.permute(0, 3, 1, 2) for f in feats]  # NHWC -> NCHW for some ViTs
+        return {"levels": list(feats)}

@@ -1,0 +1,126 @@
+"""Image and mask loading with uniform dtypes and explicit errors.
+
+Every reader failure (missing file, unknown format, truncated data, wrong mask size)
+raises :class:`anomaly_core.errors.DataError` with the offending path in the message.
+EXIF orientation is deliberately ignored so that :func:`image_size` (header only)
+always agrees with the array returned by :func:`load_image`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anomaly_core.errors import DataError
+
+__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image", "load_mask", "image_size"]
+
+# Lower-case suffixes recognised as images by the dataset readers.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a non-hidden file whose suffix is an image extension (case-insensitive)."""
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _open(path: str | os.PathLike, what: str) -> Image.Image:
+    """Open and fully decode an image; any failure -> DataError naming ``path``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy() if im.mode != "P" else im.convert("RGBA" if "transparency" in im.info else "RGB")
+    except FileNotFoundError:
+        raise DataError(f"cannot read {what} {path}: file does not exist") from None
+    except _PIL_ERRORS as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _high_depth_to_uint8(im: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float single-channel image -> uint8 [H, W]."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
+    arr = arr.astype(np.int64)
+    if arr.max(initial=0) > 255:  # genuine 16-bit range
+        return np.clip((arr + 128) // 257, 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]; alpha is composited on black."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        gray = _high_depth_to_uint8(im)  # [H, W]
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)  # [H, W, 4]
+        rgb = (rgba[:, :, :3] * rgba[:, :, 3:4] + 127) // 255
+        return rgb.astype(np.uint8)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB.
+
+    Returns:
+        uint8 array [H, W, 3] (grayscale/palette/16-bit/RGBA/CMYK/JPEG all converted).
+    Raises:
+        DataError: ``"cannot read image {path}: ..."`` for missing or corrupt files.
+    """
+    im = _open(path, "image")
+    try:
+        rgb = _to_rgb(im)
+    except _PIL_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    return np.ascontiguousarray(rgb)
+
+
+def _mask_array(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> numeric [H, W]; colour masks use the max over colour channels."""
+    if im.mode in _HIGH_DEPTH_MODES or im.mode in ("1", "L"):
+        return np.asarray(im)
+    if im.mode in ("LA", "La"):
+        return np.asarray(im)[:, :, 0]
+    return np.asarray(im.convert("RGB")).max(axis=2)
+
+
+def load_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None) -> np.ndarray:
+    """Read a ground-truth mask (any pixel value > 0 is defective).
+
+    Args:
+        path: mask file.
+        expected_hw: (H, W) of the corresponding image, or None to skip the check.
+    Returns:
+        bool array [H, W].
+    Raises:
+        DataError naming the mask file if it cannot be read or its size differs.
+    """
+    im = _open(path, "mask")
+    mask = _mask_array(im) > 0  # [H, W] bool
+    if expected_hw is not None and tuple(mask.shape) != tuple(expected_hw):
+        h, w = mask.shape
+        eh, ew = expected_hw
+        raise DataError(f"mask {path} has size {h}x{w} (HxW) but its image has size {eh}x{ew}")
+    return mask
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image read from the file header only (cheap, no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise DataError(f"cannot read image {path}: file does not exist") from None
+    except _PIL_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    return int(h), int(w)

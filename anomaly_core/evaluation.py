@@ -1,0 +1,73 @@
+"""Evaluation of method scores against ground truth: per-category anomaly metrics, means, curve data."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomaly_core.data.images import image_size, load_mask
+from anomaly_core.data.manifest import Row
+from anomaly_core.errors import DataError
+from anomaly_core.metrics import image_metrics, pixel_metrics, roc_pr_curves
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap")
+
+
+def masks_for(rows: Sequence[Row], size: int) -> np.ndarray:
+    """Ground-truth masks resized (nearest) to the map size: [N, size, size] bool; normal images are empty."""
+    out = np.zeros((len(rows), size, size), dtype=bool)
+    for i, row in enumerate(rows):
+        if row.mask:
+            m = load_mask(row.mask, image_size(row.image))
+            out[i] = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    return out
+
+
+def align(rows: Sequence[Row], ids: Sequence[str], image: torch.Tensor, maps: torch.Tensor):
+    """Reorder a method's scores to the rows' order; every row must have a score."""
+    index = {i: n for n, i in enumerate(ids)}
+    missing = [r.id for r in rows if r.id not in index]
+    if missing:
+        raise DataError(f"scores lack {len(missing)} images, e.g. {missing[0]}; re-run `dvc repro score`")
+    order = torch.tensor([index[r.id] for r in rows])
+    return image[order].numpy(), maps[order].numpy()
+
+
+def category_metrics(labels: np.ndarray, masks: np.ndarray, image: np.ndarray, maps: np.ndarray,
+                     max_fpr: float = 0.3) -> dict[str, float]:
+    """All six anomaly metrics for one category."""
+    return {**image_metrics(labels, image), **pixel_metrics(masks, maps, max_fpr=max_fpr)}
+
+
+def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Unweighted mean over categories (the MVTec AD / VisA reporting convention)."""
+    keys = IMAGE_METRICS + PIXEL_METRICS
+    return {k: float(np.mean([m[k] for m in per_category.values()])) for k in keys}
+
+
+def rounded(d: dict, places: int = 4) -> dict:
+    return {k: rounded(v, places) if isinstance(v, dict) else round(float(v), places) for k, v in d.items()}
+
+
+def pooled_curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, list]:
+    """ROC / PR points over all categories, scores standardised per category beforehand by the caller."""
+    return roc_pr_curves(labels, scores)
+
+
+def standardise(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """(scores - mean(ref)) / std(ref): put categories on one scale using validation statistics."""
+    return (scores - ref.mean()) / max(float(ref.std()), 1e-12)
+
+
+def protocol_note(val_fraction: float, untrained: Sequence[str]) -> dict:
+    """The `_protocol` entry every metrics file carries."""
+    return {
+        "reported_split": "test",
+        "val_carved_from_test_fraction": val_fraction,
+        "note": "every choice (epochs, checkpoints, alpha, temperatures) is made on the validation split carved "
+                "from the labelled test images; metrics are on the remaining test images only",
+        "untrained_backbones": ", ".join(untrained) if untrained else "none",
+    }

@@ -1,0 +1,109 @@
+"""All file formats in one place: atomic JSON/YAML, safetensors feature and score files, checkpoints.
+
+Every writer writes to a temporary name in the destination directory and renames it into place, so a
+crash never leaves a half-written output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from anomaly_core.errors import DataError, WeightsError
+
+CHECKPOINT_SCHEMA = 1
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomic JSON write with sorted, indented keys (stable diffs under git)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path} (run the stage that writes it, e.g. `dvc repro`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Atomic safetensors write. Non-string metadata values are JSON-encoded."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file -> (tensors, metadata with JSON values decoded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path} (run the stage that writes it, e.g. `dvc repro`)")
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta_raw = f.metadata() or {}
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    meta = {}
+    for k, v in meta_raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta
+
+
+def save_checkpoint(path: str | Path, kind: str, arch: str, state: dict[str, torch.Tensor], **extra: Any) -> None:
+    """Plain state_dict checkpoint with a schema version, the checkpoint kind and the architecture name."""
+    payload = {"schema": CHECKPOINT_SCHEMA, "kind": kind, "arch": arch, "state_dict": state, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, kind: str, arch: str | None = None) -> dict[str, Any]:
+    """Load and check a checkpoint written by `save_checkpoint`; refuse another kind, schema or architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "schema" not in obj:
+        raise WeightsError(f"{path}: not an anomaly_core checkpoint (no schema version); re-train it with this version")
+    if obj["schema"] != CHECKPOINT_SCHEMA:
+        raise WeightsError(f"{path}: checkpoint schema {obj['schema']}, this version reads {CHECKPOINT_SCHEMA}; re-train it")
+    if obj.get("kind") != kind:
+        raise WeightsError(f"{path}: holds a '{obj.get('kind')}' checkpoint, expected '{kind}'")
+    if arch is not None and obj.get("arch") != arch:
+        raise WeightsError(f"{path}: made for architecture '{obj.get('arch')}', the pipeline uses '{arch}'; re-train it")
+    return obj

@@ -1,0 +1,64 @@
+"""Read cached features and method scores by manifest id (the files are per source split)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from anomaly_core.data.manifest import Row
+from anomaly_core.errors import DataError
+from anomaly_core.io import load_tensors, read_json, save_tensors
+
+SOURCE = {"train": "train", "val": "test", "test": "test"}
+
+
+class FeatureStore:
+    """`data/features/{branch}/{category}/{source}.safetensors` with `ids` metadata."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._cache: dict[tuple[str, str, str], tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
+        self.info = read_json(self.root / "info.json")
+
+    def has(self, branch: str) -> bool:
+        return branch in self.info
+
+    def _file(self, branch: str, category: str, source: str):
+        key = (branch, category, source)
+        if key not in self._cache:
+            tensors, meta = load_tensors(self.root / branch / category / f"{source}.safetensors")
+            self._cache[key] = (tensors, {i: n for n, i in enumerate(meta["ids"])})
+        return self._cache[key]
+
+    def get(self, branch: str, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        """Features for manifest rows of one category (any mix of splits), in the rows' order, as float32."""
+        if not rows:
+            raise DataError("no rows requested")
+        parts: dict[str, list[torch.Tensor]] = {}
+        for row in rows:
+            tensors, index = self._file(branch, row.category, SOURCE[row.split])
+            if row.id not in index:
+                raise DataError(f"{row.id}: not in the cached {branch} features; re-run `dvc repro features`")
+            for k, v in tensors.items():
+                parts.setdefault(k, []).append(v[index[row.id]])
+        return {k: torch.stack(v).float() for k, v in parts.items()}
+
+    def levels(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [feats[k] for k in sorted((k for k in feats if k.startswith("level_")), key=lambda s: int(s[6:]))]
+
+
+def save_scores(path: str | Path, per_category: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]) -> None:
+    """Write one method's scores for one split: {category: (ids, image [N], maps [N, S, S])}."""
+    tensors, ids = {}, {}
+    for cat, (cat_ids, image, maps) in per_category.items():
+        tensors[f"{cat}.image"] = image.float().cpu()
+        tensors[f"{cat}.map"] = maps.half().cpu()
+        ids[cat] = list(cat_ids)
+    save_tensors(path, tensors, {"ids": ids})
+
+
+def load_scores(path: str | Path) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """Inverse of `save_scores`: {category: (ids, image [N] float32, maps [N, S, S] float32)}."""
+    tensors, meta = load_tensors(path)
+    return {cat: (ids, tensors[f"{cat}.image"], tensors[f"{cat}.map"].float()) for cat, ids in meta["ids"].items()}

@@ -1,0 +1,1 @@
+"""Thin typer commands, one per DVC stage. The maths lives in `anomaly_core`."""

@@ -1,0 +1,65 @@
+"""What every stage script shares: params.yaml reading, seeding, device choice, error reporting."""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from anomaly_core.config import section
+from anomaly_core.errors import ConfigError, DataError, WeightsError
+
+PARAMS = Path("params.yaml")
+
+
+def load_params(path: Path = PARAMS) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"missing {path} (run stages from the repository root)")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return params
+
+
+def get(params: dict[str, Any], dotted: str) -> Any:
+    return section(params, dotted)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    """CUDA when present (and not disabled with ANOMALY_CORE_DEVICE=cpu), else CPU."""
+    want = os.environ.get("ANOMALY_CORE_DEVICE", "")
+    if want:
+        return torch.device(want)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def progress() -> bool:
+    """Progress bars unless ANOMALY_CORE_PROGRESS=0 (tests) ."""
+    return os.environ.get("ANOMALY_CORE_PROGRESS", "1") != "0"
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the library's named errors into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, WeightsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

@@ -1,0 +1,69 @@
+"""DVC stage `features`: run each frozen backbone once over every image and cache the features.
+
+One safetensors file per (branch, category, source split) under `data/features/`, plus `info.json`
+describing the backbones (name, weights, untrained flag, levels, grid).
+"""
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from anomaly_core.backbones import create_backbone
+from anomaly_core.config import BackboneConfig, FeaturesConfig, build
+from anomaly_core.data import manifest as mf
+from anomaly_core.features import extract_features
+from anomaly_core.io import save_tensors, write_json
+from stages.common import device, friendly_errors, get, load_params, progress
+
+app = typer.Typer(add_completion=False)
+BRANCHES = ("visual", "clip")
+
+
+def backbone_info(bb, cfg: BackboneConfig) -> dict:
+    info = {"name": bb.name, "pretrained": bb.pretrained, "untrained": bb.untrained, "levels": cfg.levels,
+            "image_size": bb.image_size, "kind": bb.kind}
+    if bb.kind == "clip":
+        info.update(grid=bb.grid, embed_dim=bb.embed_dim, width=bb.width)
+    else:
+        info.update(channels=bb.channels, reductions=bb.reductions)
+    return info
+
+
+@app.command()
+@friendly_errors
+def main(images: Path = typer.Option(Path("data/prepared/images.csv")),
+         out: Path = typer.Option(Path("data/features"))) -> None:
+    params = load_params()
+    fcfg = build(FeaturesConfig, params.get("features"), "features")
+    dtype = getattr(torch, fcfg.dtype)
+    rows = mf.read_manifest(images)
+    dev = device()
+    info = {}
+    for branch in BRANCHES:
+        raw = get(params, "backbones").get(branch)
+        if raw is None:
+            continue
+        cfg = build(BackboneConfig, raw, f"backbones.{branch}")
+        bb = create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(dev)
+        info[branch] = backbone_info(bb, cfg)
+        t0, n = time.perf_counter(), 0
+        for cat in mf.categories(rows):
+            for split in ("train", "test"):
+                part = mf.rows_for(rows, cat, split)
+                if not part:
+                    continue
+                feats = extract_features(bb, [r.image for r in part], fcfg.batch_size, dtype,
+                                         desc=f"{branch}/{cat}/{split}", progress=progress())
+                meta = {"ids": [r.id for r in part], "backbone": bb.name, "pretrained": bb.pretrained}
+                if bb.kind == "clip":
+                    meta["grid"] = [bb.grid, bb.grid]
+                save_tensors(out / branch / cat / f"{split}.safetensors", {k: v.cpu() for k, v in feats.items()}, meta)
+                n += len(part)
+        dt = time.perf_counter() - t0
+        typer.echo(f"{branch}: {bb.name} ({bb.pretrained}) {n} images in {dt:.1f}s ({n / max(dt, 1e-9):.1f} img/s)")
+    write_json(out / "info.json", info)
+
+
+if __name__ == "__main__":
+    app()
