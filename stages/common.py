@@ -63,3 +63,19 @@ def friendly_errors(fn: Callable) -> Callable:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def aux_rows(params: dict[str, Any]) -> list:
+    """Rows of the second dataset named by `aaclip.train_data` (cross-dataset protocol), or [] when unset."""
+    from anomaly_core.config import DataConfig, build
+    from anomaly_core.data import readers
+
+    raw = dict(get(params, "aaclip.train_data"))
+    if not raw.get("format"):
+        return []
+    cfg = build(DataConfig, raw, "aaclip.train_data")
+    if not Path(cfg.root).is_dir():
+        raise ConfigError(f"aaclip.train_data.root={cfg.root}: directory not found")
+    rows = readers.READERS[cfg.format](Path(cfg.root), cfg.categories)
+    readers.validate_rows(rows)
+    return rows

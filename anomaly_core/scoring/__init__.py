@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 import torch
 
 from anomaly_core.config import KnnConfig, ZeroShotConfig
+from anomaly_core.data.holdout import shot_rows
 from anomaly_core.data.manifest import Row, categories, rows_for
 from anomaly_core.scoring.knn import PatchKnn, clip_patches, cnn_patches
 from anomaly_core.scoring.maps import image_score_from_map, to_image_maps
@@ -14,11 +15,6 @@ from anomaly_core.store import FeatureStore
 
 Scores = dict[str, dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]]
 EVAL_SPLITS = ("val", "test")
-
-
-def shot_rows(rows: Sequence[Row], category: str) -> list[Row]:
-    """The seeded k-shot normal training rows of a category."""
-    return [r for r in rows_for(rows, category, "train") if r.shot]
 
 
 def patch_grid(store: FeatureStore, branch: str, rows: Sequence[Row], aggregate: int) -> torch.Tensor:

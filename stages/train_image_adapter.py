@@ -1,0 +1,45 @@
+"""DVC stage `train_image_adapter`: AA-CLIP stage 2 with the stage-1 anchors frozen."""
+from pathlib import Path
+
+import typer
+
+from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
+from anomaly_core.adapters.data import image_set, training_rows
+from anomaly_core.backbones import create_backbone
+from anomaly_core.config import BackboneConfig, build
+from anomaly_core.data import manifest as mf
+from anomaly_core.io import write_json
+from stages.common import aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@friendly_errors
+def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
+         text_adapters: Path = typer.Option(Path("data/models/aaclip_text.pt")),
+         out: Path = typer.Option(Path("data/models/aaclip_image.pt")),
+         history: Path = typer.Option(Path("metrics/aaclip_image_history.json"))) -> None:
+    params = load_params()
+    cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
+    seed_everything(cfg.seed)
+    size = int(get(params, "data.image_size"))
+    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
+    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size).to(device())
+    _, anchors = load_text_adapters(text_adapters, clip, ccfg.name)
+    rows = mf.read_manifest(manifest)
+    train, select = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))
+    extra = aux_rows(params)
+    if extra:  # cross-dataset protocol: every image of the second dataset trains; the target's val selects
+        train, select = extra, [r for r in rows if r.split == "val"]
+    val = image_set(select, clip.image_size, size) if select else None
+    adapters, hist = train_image_adapters(clip, anchors, image_set(train, clip.image_size, size), val, cfg, progress())
+    chosen = next((h["epoch"] for h in hist if h.get("selected")), cfg.epochs)
+    save_image_adapters(out, adapters, ccfg.name, selected_epoch=chosen)
+    write_json(history, [{k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in h.items()} for h in hist])
+    typer.echo(f"aaclip image adapters: {len(train)} training images, {len(select)} selection images, "
+               f"epoch {chosen} selected on validation")
+
+
+if __name__ == "__main__":
+    app()

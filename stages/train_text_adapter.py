@@ -1,0 +1,48 @@
+"""DVC stage `train_text_adapter`: AA-CLIP stage 1 on cached frozen CLIP tokens."""
+from pathlib import Path
+
+import torch
+import typer
+
+from anomaly_core.adapters import TextAdapterConfig, class_anchors, save_text_adapters, train_text_adapters
+from anomaly_core.adapters.data import text_stage_data, training_rows
+from anomaly_core.backbones import create_backbone
+from anomaly_core.config import BackboneConfig, build
+from anomaly_core.data import manifest as mf
+from anomaly_core.io import write_json
+from anomaly_core.store import FeatureStore
+from stages.common import aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@friendly_errors
+def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
+         features: Path = typer.Option(Path("data/features")),
+         out: Path = typer.Option(Path("data/models/aaclip_text.pt")),
+         history: Path = typer.Option(Path("metrics/aaclip_text_history.json"))) -> None:
+    params = load_params()
+    cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
+    seed_everything(cfg.seed)
+    size = int(get(params, "data.image_size"))
+    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
+    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size).to(device())
+    rows = mf.read_manifest(manifest)
+    extra = aux_rows(params)
+    if extra:  # cross-dataset protocol: train on every image of the second dataset
+        data = text_stage_data(extra, size, backbone=clip, progress=progress())
+    else:
+        train, _ = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))
+        data = text_stage_data(train, size, store=FeatureStore(features))
+    adapters, anchors, hist = train_text_adapters(clip, data, cfg, progress())
+    names = sorted(set(mf.categories(rows)) | set(mf.categories(extra)))
+    with torch.no_grad():  # anchors for the target (and second-dataset) categories
+        target_anchors = class_anchors(clip, adapters, names).cpu()
+    save_text_adapters(out, adapters, target_anchors, names, ccfg.name)
+    write_json(history, [{k: round(float(v), 6) for k, v in h.items()} for h in hist])
+    typer.echo(f"aaclip text adapters: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} over {cfg.epochs} epochs")
+
+
+if __name__ == "__main__":
+    app()
