@@ -370,3 +370,23 @@ def run_classification(train: ClassSplit, val: ClassSplit, test: ClassSplit, n_c
     chosen = pick_method(val_scores, usable)
     details.update(chosen=chosen, val=classification_report(y_val, probs["val"]), val_choice_scores=val_scores)
     return classification_report(y_test, probs["test"], chosen), details
+
+
+def class_splits(store, rows, cnn_branch: str = "visual") -> tuple[list[str], dict[str, ClassSplit]]:
+    """Classification inputs from cached features: (class names, {train (the k shots), val, test: ClassSplit}).
+
+    CLIP: global image embeddings; CNN: the last cached level, global-average pooled.
+    """
+    from anomaly_core.data.manifest import categories, class_label
+
+    multi = len(categories(rows)) > 1
+    names = sorted({class_label(r, multi) for r in rows})
+    parts = {"train": [r for r in rows if r.split == "train" and r.shot],
+             "val": [r for r in rows if r.split == "val"], "test": [r for r in rows if r.split == "test"]}
+    out = {}
+    for split, part in parts.items():
+        labels = np.array([names.index(class_label(r, multi)) for r in part])
+        clip = store.get("clip", part)["global"].numpy() if store.has("clip") else None
+        cnn = global_pool(store.levels(store.get(cnn_branch, part))[-1]) if store.has(cnn_branch) else None
+        out[split] = ClassSplit(labels, clip, cnn)
+    return names, out

@@ -31,17 +31,28 @@ class FeatureStore:
             self._cache[key] = (tensors, {i: n for n, i in enumerate(meta["ids"])})
         return self._cache[key]
 
+    def _locate(self, branch: str, row: Row) -> tuple[dict[str, torch.Tensor], int]:
+        """The cached file and position of a row: its split's usual source first (val/test rows come from the
+        dataset's test images), then the other one (classification splits re-deal test images into train)."""
+        first = SOURCE[row.split]
+        for source in (first, "test" if first == "train" else "train"):
+            path = self.root / branch / row.category / f"{source}.safetensors"
+            if source != first and not path.is_file():
+                continue
+            tensors, index = self._file(branch, row.category, source)
+            if row.id in index:
+                return tensors, index[row.id]
+        raise DataError(f"{row.id}: not in the cached {branch} features; re-run `dvc repro features`")
+
     def get(self, branch: str, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         """Features for manifest rows of one category (any mix of splits), in the rows' order, as float32."""
         if not rows:
             raise DataError("no rows requested")
         parts: dict[str, list[torch.Tensor]] = {}
         for row in rows:
-            tensors, index = self._file(branch, row.category, SOURCE[row.split])
-            if row.id not in index:
-                raise DataError(f"{row.id}: not in the cached {branch} features; re-run `dvc repro features`")
+            tensors, i = self._locate(branch, row)
             for k, v in tensors.items():
-                parts.setdefault(k, []).append(v[index[row.id]])
+                parts.setdefault(k, []).append(v[i])
         return {k: torch.stack(v).float() for k, v in parts.items()}
 
     def levels(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:

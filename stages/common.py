@@ -79,3 +79,22 @@ def aux_rows(params: dict[str, Any]) -> list:
     rows = readers.READERS[cfg.format](Path(cfg.root), cfg.categories)
     readers.validate_rows(rows)
     return rows
+
+
+def skip_unless_anomaly(params: dict[str, Any], files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> bool:
+    """With `task: classification` the anomaly stages have nothing to do: leave empty, clearly marked outputs
+    (so DVC's declared outputs exist) and return True."""
+    if params.get("task", "anomaly") == "anomaly":
+        return False
+    from anomaly_core.io import save_checkpoint, write_json
+
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "SKIPPED").write_text("task=classification: anomaly stages do not run\n")
+    for f in files:
+        if f.suffix == ".json":
+            write_json(f, [])
+        else:
+            save_checkpoint(f, "skipped", "none", {}, note="task=classification: anomaly stages do not run")
+    print("task=classification: stage skipped")
+    return True

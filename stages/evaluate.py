@@ -9,6 +9,7 @@ from anomaly_core import evaluation as ev
 from anomaly_core.data import manifest as mf
 from anomaly_core.features import load_resized
 from anomaly_core.io import read_json, write_json, write_text
+from anomaly_core.prompts.vpt import comparison
 from anomaly_core.store import load_scores
 from anomaly_core.viz import save_curve_plot, save_heatmap_overlays
 from stages.common import friendly_errors, get, load_params, progress
@@ -17,9 +18,10 @@ app = typer.Typer(add_completion=False)
 METHOD_ORDER = ["zero_shot_clip", "knn", "aaclip", "multi_prototype", "prompt_clip", "vpt_knn", "fusion"]
 
 
-def methods_in(scores_dir: Path) -> list[str]:
-    found = [p.name for p in scores_dir.iterdir() if (p / "test.safetensors").is_file()]
-    return sorted(found, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+def methods_in(*dirs: Path) -> dict[str, Path]:
+    """{method: its score directory}, in the report order."""
+    found = {p.name: p for d in dirs if d.is_dir() for p in d.iterdir() if (p / "test.safetensors").is_file()}
+    return dict(sorted(found.items(), key=lambda kv: (METHOD_ORDER.index(kv[0]) if kv[0] in METHOD_ORDER else 99, kv[0])))
 
 
 def heatmaps(path: Path, rows, image, maps, masks, size: int, n: int, method: str) -> None:
@@ -31,7 +33,18 @@ def heatmaps(path: Path, rows, image, maps, masks, size: int, n: int, method: st
                           [f"{method} {rows[i].defect_type} score={image[i]:.3f}" for i in order], vmin=lo, vmax=hi)
 
 
-def report(summary: dict, info: dict, protocol: dict) -> str:
+def classification_only(protocol: dict, metrics: Path, reports: Path) -> None:
+    """task=classification: no anomaly methods ran; the numbers are in metrics/classification.json."""
+    protocol = {**protocol, "task": "classification", "note": "anomaly stages skipped; see metrics/classification.json"}
+    write_json(metrics / "summary.json", {"_protocol": protocol})
+    write_json(metrics / "per_category.json", {"_protocol": protocol})
+    for sub in ("roc", "pr"):
+        (metrics / "plots" / sub).mkdir(parents=True, exist_ok=True)
+    write_json(metrics / "vpt_comparison.json", {})
+    write_text(reports / "report.md", "# anomaly_core report\n\ntask=classification: see metrics/classification.json\n")
+
+
+def report(summary: dict, info: dict, protocol: dict, fusion: dict | None = None) -> str:
     lines = ["# anomaly_core report", "", f"Protocol: {protocol['note']}.", ""]
     for branch, b in info.items():
         state = "UNTRAINED (random weights): its numbers say nothing about real CLIP" if b["untrained"] else b["pretrained"]
@@ -41,7 +54,12 @@ def report(summary: dict, info: dict, protocol: dict) -> str:
     for method, m in summary.items():
         if not method.startswith("_"):
             lines.append(f"| {method} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
-    lines += ["", "Heatmaps: `reports/heatmaps/`; curves: `reports/roc.png`, `reports/pr.png`.", ""]
+    if fusion:
+        lines += ["", f"Fusion: `{fusion['branches']['clip']}` (CLIP branch) + `{fusion['branches']['visual']}`, "
+                      f"alpha = {fusion['alpha']} chosen on val by {fusion['metric']} "
+                      f"(val: clip {fusion['val']['clip']:.4f}, visual {fusion['val']['visual']:.4f}, "
+                      f"fusion {fusion['val']['fusion']:.4f}); scores standardised per category on val statistics."]
+    lines += ["", "Heatmaps: `reports/heatmaps/`; curves: `reports/roc.png`, `reports/pr.png`, `reports/alpha_curve.png`.", ""]
     return "\n".join(lines)
 
 
@@ -49,21 +67,25 @@ def report(summary: dict, info: dict, protocol: dict) -> str:
 @friendly_errors
 def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          scores: Path = typer.Option(Path("data/scores")),
+         fused: Path = typer.Option(Path("data/fused")),
          features_info: Path = typer.Option(Path("data/features/info.json")),
          metrics: Path = typer.Option(Path("metrics")),
          reports: Path = typer.Option(Path("reports"))) -> None:
     params = load_params()
     size, max_fpr = int(get(params, "data.image_size")), float(get(params, "evaluate.max_fpr"))
     n_heat = int(get(params, "evaluate.n_heatmaps"))
+    info = read_json(features_info)
+    protocol = ev.protocol_note(float(get(params, "data.val_fraction")), [b for b, v in info.items() if v["untrained"]])
+    if params.get("task", "anomaly") != "anomaly":
+        classification_only(protocol, metrics, reports)
+        return
     rows = mf.read_manifest(manifest)
     cats = mf.categories(rows)
     test_rows = {c: mf.rows_for(rows, c, "test") for c in cats}
     masks = {c: ev.masks_for(test_rows[c], size) for c in cats}
-    info = read_json(features_info)
-    protocol = ev.protocol_note(float(get(params, "data.val_fraction")), [b for b, v in info.items() if v["untrained"]])
     summary, per_category, curves = {}, {}, {"roc": {}, "pr": {}}
-    for method in tqdm(methods_in(scores), desc="evaluate", disable=not progress()):
-        test, val = load_scores(scores / method / "test.safetensors"), load_scores(scores / method / "val.safetensors")
+    for method, where in tqdm(methods_in(scores, fused).items(), desc="evaluate", disable=not progress()):
+        test, val = load_scores(where / "test.safetensors"), load_scores(where / "val.safetensors")
         per_cat, pooled_labels, pooled_scores = {}, [], []
         for c in cats:
             labels = np.array([r.label for r in test_rows[c]])
@@ -75,8 +97,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
         per_category[method] = ev.rounded(per_cat)
         summary[method] = ev.rounded(ev.mean_metrics(per_cat))
         cv = ev.pooled_curves(np.concatenate(pooled_labels), np.concatenate(pooled_scores))
-        write_json(metrics / "plots" / f"roc_{method}.json", [{"fpr": x, "tpr": y} for x, y in zip(cv["fpr"], cv["tpr"])])
-        write_json(metrics / "plots" / f"pr_{method}.json",
+        write_json(metrics / "plots" / "roc" / f"{method}.json", [{"fpr": x, "tpr": y} for x, y in zip(cv["fpr"], cv["tpr"])])
+        write_json(metrics / "plots" / "pr" / f"{method}.json",
                    [{"recall": x, "precision": y} for x, y in zip(cv["recall"], cv["precision"])])
         curves["roc"][method], curves["pr"][method] = (cv["fpr"], cv["tpr"]), (cv["recall"], cv["precision"])
     summary["_protocol"] = protocol
@@ -86,7 +108,14 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     save_curve_plot(reports / "roc.png", curves["roc"], "false positive rate", "true positive rate",
                     "Image ROC (test, scores standardised per category on val)")
     save_curve_plot(reports / "pr.png", curves["pr"], "recall", "precision", "Image PR (test)")
-    write_text(reports / "report.md", report(summary, info, protocol))
+    if "vpt_knn" in per_category and "knn" in per_category:
+        write_json(metrics / "vpt_comparison.json", {c: comparison(per_category["vpt_knn"][c], per_category["knn"][c], c)
+                                                     for c in cats})
+    fusion_report = read_json(metrics / "fusion.json") if (metrics / "fusion.json").is_file() else None
+    if fusion_report:
+        save_curve_plot(reports / "alpha_curve.png", {"fusion": tuple(zip(*fusion_report["curve"]))}, "alpha (CLIP weight)",
+                        f"val {fusion_report['metric']}", f"Fusion alpha sweep on val: {fusion_report['branches']}")
+    write_text(reports / "report.md", report(summary, info, protocol, fusion_report))
     for method, m in summary.items():
         if not method.startswith("_"):
             typer.echo(f"{method:>16}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))

@@ -11,7 +11,7 @@ from anomaly_core.prototypes import MultiProtoConfig
 from anomaly_core.prototypes.image_protos import fit_image_prototypes, save_image_prototypes
 from anomaly_core.prototypes.multi import save_multi_prototype, train_multi_prototype
 from anomaly_core.store import FeatureStore
-from stages.common import friendly_errors, get, load_params, progress, seed_everything
+from stages.common import skip_unless_anomaly, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -23,6 +23,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          out: Path = typer.Option(Path("data/models/prototypes")),
          diagnostics: Path = typer.Option(Path("metrics/prototype_diagnostics.json"))) -> None:
     params = load_params()
+    if skip_unless_anomaly(params, files=(diagnostics,), dirs=(out,)):
+        return
     seed = int(get(params, "seed"))
     seed_everything(seed)
     cfg = build(MultiProtoConfig, {**get(params, "multi_prototype"), "seed": seed}, "multi_prototype")

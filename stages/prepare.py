@@ -36,11 +36,12 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
     rows = read_rows(cfg, demo_root)
     readers.validate_rows(rows)
     mf.write_manifest(rows, out / "images.csv")
-    if task == "classification":
-        final = mf.split_classification(rows, cfg.val_fraction, cfg.val_fraction, seed)
+    classes = mf.classification_rows(rows, cfg.val_fraction, cfg.val_fraction, shots, seed)
+    mf.write_manifest(classes, out / "classification.csv")
+    if task == "classification" or cfg.format == "imagefolder":
+        final = classes  # no anomaly task on an image folder
     else:
-        final = mf.carve_val(rows, cfg.val_fraction, seed)
-    final = mf.select_shots(final, shots, seed)
+        final = mf.select_shots(mf.carve_val(rows, cfg.val_fraction, seed), shots, seed)
     mf.write_manifest(final, out / "manifest.csv")
     counts = {s: sum(r.split == s for r in final) for s in ("train", "val", "test")}
     typer.echo(f"manifest: {len(final)} images in {len(mf.categories(final))} categories, {counts}, "

@@ -20,7 +20,7 @@ from anomaly_core.prototypes.image_protos import ImageProtoConfig, load_image_pr
 from anomaly_core.prototypes.multi import load_multi_prototype, score_multi_prototype
 from anomaly_core.scoring import EVAL_SPLITS, knn_scores, zero_shot_clip_scores
 from anomaly_core.store import FeatureStore, save_scores
-from stages.common import device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import skip_unless_anomaly, device, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -57,6 +57,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          models: Path = typer.Option(Path("data/models")),
          out: Path = typer.Option(Path("data/scores"))) -> None:
     params = load_params()
+    if skip_unless_anomaly(params, dirs=(out,)):
+        return
     seed = int(get(params, "seed"))
     seed_everything(seed)
     size = int(get(params, "data.image_size"))

@@ -9,7 +9,7 @@ from anomaly_core.backbones import create_backbone
 from anomaly_core.config import BackboneConfig, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
-from stages.common import aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -21,6 +21,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          out: Path = typer.Option(Path("data/models/aaclip_image.pt")),
          history: Path = typer.Option(Path("metrics/aaclip_image_history.json"))) -> None:
     params = load_params()
+    if skip_unless_anomaly(params, files=(out, history)):
+        return
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))

@@ -10,7 +10,7 @@ from anomaly_core.io import write_json
 from anomaly_core.prompts.coop import CoopConfig, save_prompt_clip, train_prompt_clip
 from anomaly_core.prompts.vpt import VptConfig, history_records, save_vpt, train_vpt
 from anomaly_core.store import FeatureStore
-from stages.common import friendly_errors, get, load_params, progress, seed_everything
+from stages.common import skip_unless_anomaly, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -22,6 +22,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          out: Path = typer.Option(Path("data/models/prompts")),
          history: Path = typer.Option(Path("metrics/prompt_history"))) -> None:
     params = load_params()
+    if skip_unless_anomaly(params, dirs=(out, history)):
+        return
     seed = int(get(params, "seed"))
     seed_everything(seed)
     size = int(get(params, "data.image_size"))

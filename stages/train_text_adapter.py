@@ -11,7 +11,7 @@ from anomaly_core.config import BackboneConfig, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore
-from stages.common import aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -23,6 +23,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          out: Path = typer.Option(Path("data/models/aaclip_text.pt")),
          history: Path = typer.Option(Path("metrics/aaclip_text_history.json"))) -> None:
     params = load_params()
+    if skip_unless_anomaly(params, files=(out, history)):
+        return
     cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))

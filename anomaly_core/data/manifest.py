@@ -215,8 +215,10 @@ def _parse_shots(shots: int | str) -> int | None:
     return int(shots)
 
 
-def select_shots(rows: list[Row], shots: int | Literal["all"], seed: int) -> list[Row]:
+def select_shots(rows: list[Row], shots: int | Literal["all"], seed: int, normal_only: bool = True) -> list[Row]:
     """Mark ``shot=1`` on k seeded normal ``train`` rows per category (all others get 0).
+
+    ``normal_only=False`` (the classification task) draws k train rows of every class, defects included.
 
     Strata are (category, defect_type): for MVTec/VisA train normals are all ``good`` so
     this is k per category; for ImageFolder (category ``images``) it is k per class.
@@ -227,7 +229,7 @@ def select_shots(rows: list[Row], shots: int | Literal["all"], seed: int) -> lis
     """
     k = _parse_shots(shots)
     out = [replace(r, shot=0) if r.shot else r for r in rows]
-    normal_train = [i for i, r in enumerate(rows) if r.split == "train" and r.label == 0]
+    normal_train = [i for i, r in enumerate(rows) if r.split == "train" and (r.label == 0 or not normal_only)]
     strata = _strata(out, normal_train)
     if k:  # a requested category without any normal train rows
         for cat in categories(rows):
@@ -280,3 +282,28 @@ def split_classification(
         for j in perm[n_test : n_test + n_val]:
             out[idx[j]] = replace(out[idx[j]], split="val")
     return out
+
+
+def classification_rows(rows: list[Row], val_fraction: float, test_fraction: float, shots, seed: int) -> list[Row]:
+    """The few-shot classification task: classes are `defect_type`s ("good" included) of each category.
+
+    ImageFolder rows are used as they are; for anomaly datasets the labelled test images (every defect type
+    and good) are re-dealt into train / val / test, stratified per (category, class), and k shots per class
+    are drawn from train.
+    """
+    if any(r.split == "test" for r in rows):
+        rows = [replace(r, split="train", shot=0) for r in rows if r.split == "test"]
+    rows = split_classification(rows, val_fraction, test_fraction, seed)
+    if shots != "all":  # the same k for every class, capped by the smallest class's training images
+        counts: dict[tuple[str, str], int] = {}
+        for r in rows:
+            if r.split == "train":
+                counts[(r.category, r.defect_type)] = counts.get((r.category, r.defect_type), 0) + 1
+        shots = min([int(shots), *counts.values()])
+    return select_shots(rows, shots, seed, normal_only=False)
+
+
+def class_label(row: Row, multi_category: bool) -> str:
+    """The class of a row in the classification task: `defect_type`, prefixed by the category when the
+    dataset has several categories (demo / MVTec / VisA)."""
+    return f"{row.category}/{row.defect_type}" if multi_category else row.defect_type
