@@ -44,7 +44,7 @@ def classification_only(protocol: dict, metrics: Path, reports: Path) -> None:
     write_text(reports / "report.md", "# anomaly_core report\n\ntask=classification: see metrics/classification.json\n")
 
 
-def report(summary: dict, info: dict, protocol: dict, fusion: dict | None = None) -> str:
+def report(summary: dict, info: dict, protocol: dict, fusion: dict | None = None, cls: dict | None = None) -> str:
     lines = ["# anomaly_core report", "", f"Protocol: {protocol['note']}.", ""]
     for branch, b in info.items():
         state = "UNTRAINED (random weights): its numbers say nothing about real CLIP" if b["untrained"] else b["pretrained"]
@@ -59,6 +59,12 @@ def report(summary: dict, info: dict, protocol: dict, fusion: dict | None = None
                       f"alpha = {fusion['alpha']} chosen on val by {fusion['metric']} "
                       f"(val: clip {fusion['val']['clip']:.4f}, visual {fusion['val']['visual']:.4f}, "
                       f"fusion {fusion['val']['fusion']:.4f}); scores standardised per category on val statistics."]
+    if cls:
+        temps = ", ".join(f"{b} {t:.3g}" for b, t in cls.get("temperatures", {}).items())
+        lines += ["", f"Classification (metrics/classification.json): temperatures fitted on val: {temps}; "
+                      f"alpha = {cls.get('alpha')} ({cls.get('alpha_clip_branch')} + cnn_linear); "
+                      f"chosen on val: {cls.get('chosen')}; stacker worse than the best single branch on val: "
+                      f"{cls.get('stacker', {}).get('worse_than_best_single')}."]
     lines += ["", "Heatmaps: `reports/heatmaps/`; curves: `reports/roc.png`, `reports/pr.png`, `reports/alpha_curve.png`.", ""]
     return "\n".join(lines)
 
@@ -115,7 +121,9 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     if fusion_report:
         save_curve_plot(reports / "alpha_curve.png", {"fusion": tuple(zip(*fusion_report["curve"]))}, "alpha (CLIP weight)",
                         f"val {fusion_report['metric']}", f"Fusion alpha sweep on val: {fusion_report['branches']}")
-    write_text(reports / "report.md", report(summary, info, protocol, fusion_report))
+    details = metrics / "classification_details.json"
+    cls = read_json(details) if details.is_file() else None
+    write_text(reports / "report.md", report(summary, info, protocol, fusion_report, cls))
     for method, m in summary.items():
         if not method.startswith("_"):
             typer.echo(f"{method:>16}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))
