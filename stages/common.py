@@ -17,6 +17,11 @@ from anomaly_core.errors import ConfigError, DataError, WeightsError
 
 PARAMS = Path("params.yaml")
 
+# Offline by default: hub weights come from the local Hugging Face cache or not at all (fail fast, one line).
+# ANOMALY_CORE_ONLINE=1 lets open_clip / timm download when the machine has a network.
+if os.environ.get("ANOMALY_CORE_ONLINE") != "1":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 def load_params(path: Path = PARAMS) -> dict[str, Any]:
     if not path.is_file():
@@ -98,3 +103,12 @@ def skip_unless_anomaly(params: dict[str, Any], files: tuple[Path, ...] = (), di
             save_checkpoint(f, "skipped", "none", {}, note="task=classification: anomaly stages do not run")
     print("task=classification: stage skipped")
     return True
+
+
+def clip_backbone(params: dict[str, Any], on: torch.device | None = None):
+    """(BackboneConfig, frozen ClipBackbone) from `backbones.clip`."""
+    from anomaly_core.backbones import create_backbone
+    from anomaly_core.config import BackboneConfig, build
+
+    cfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
+    return cfg, create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(on or torch.device("cpu"))

@@ -3,15 +3,14 @@ from pathlib import Path
 
 import typer
 
-from anomaly_core.backbones import create_backbone
-from anomaly_core.config import BackboneConfig, build
+from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
 from anomaly_core.prototypes import MultiProtoConfig
 from anomaly_core.prototypes.image_protos import fit_image_prototypes, save_image_prototypes
 from anomaly_core.prototypes.multi import save_multi_prototype, train_multi_prototype
 from anomaly_core.store import FeatureStore
-from stages.common import skip_unless_anomaly, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_unless_anomaly, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -29,8 +28,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     seed_everything(seed)
     cfg = build(MultiProtoConfig, {**get(params, "multi_prototype"), "seed": seed}, "multi_prototype")
     size = int(get(params, "data.image_size"))
-    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size)
+    ccfg, clip = clip_backbone(params)
     rows, store = mf.read_manifest(manifest), FeatureStore(features)
     models, report = train_multi_prototype(store, rows, clip, cfg, size, progress())
     for cat, model in models.items():

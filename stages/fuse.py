@@ -6,15 +6,14 @@ import numpy as np
 import torch
 import typer
 
-from anomaly_core.backbones import create_backbone
 from anomaly_core.classification import ClassificationConfig, class_prompts, class_splits, run_classification
-from anomaly_core.config import BackboneConfig, build
+from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.evaluation import masks_for, protocol_note, rounded
 from anomaly_core.fusion import FusionConfig, fuse_scores, select_clip_method
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore, load_scores, save_scores
-from stages.common import friendly_errors, get, load_params
+from stages.common import clip_backbone, friendly_errors, get, load_params
 
 app = typer.Typer(add_completion=False)
 CLIP_PREFERENCE = ["aaclip", "prompt_clip", "multi_prototype", "zero_shot_clip", "image_prototype"]
@@ -59,8 +58,7 @@ def classification(params, rows, features: Path, metrics: Path) -> None:
     names, splits = class_splits(store, rows)
     text = None
     if store.has("clip"):
-        ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-        clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size)
+        ccfg, clip = clip_backbone(params)
         with torch.no_grad():
             text = clip.text_anchors([class_prompts(n.replace("/", " ")) for n in names]).numpy()
     report, details = run_classification(splits["train"], splits["val"], splits["test"], len(names), cfg, text, seed)

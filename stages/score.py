@@ -9,8 +9,7 @@ import typer
 
 from anomaly_core.adapters import ImageAdapterConfig, load_image_adapters, load_text_adapters, score_images
 from anomaly_core.adapters.data import load_images
-from anomaly_core.backbones import create_backbone
-from anomaly_core.config import BackboneConfig, KnnConfig, ZeroShotConfig, build
+from anomaly_core.config import KnnConfig, ZeroShotConfig, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.prompts import build_prompts
 from anomaly_core.prompts.coop import CoopConfig, load_prompt_clip, score_prompt_clip
@@ -20,7 +19,7 @@ from anomaly_core.prototypes.image_protos import ImageProtoConfig, load_image_pr
 from anomaly_core.prototypes.multi import load_multi_prototype, score_multi_prototype
 from anomaly_core.scoring import EVAL_SPLITS, knn_scores, zero_shot_clip_scores
 from anomaly_core.store import FeatureStore, save_scores
-from stages.common import skip_unless_anomaly, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_unless_anomaly, device, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -71,8 +70,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     write(out, "vpt_knn", score_vpt(store, rows, vpt, vpt_cfg, knn_cfg, size, seed, progress()))
     if not store.has("clip"):
         return
-    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size).to(device())
+    ccfg, clip = clip_backbone(params, device())
     with torch.no_grad():
         anchors = {c: clip.text_anchors(build_prompts(c)) for c in cats}
     zcfg = build(ZeroShotConfig, params.get("zero_shot"), "zero_shot")

@@ -5,11 +5,10 @@ import typer
 
 from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
 from anomaly_core.adapters.data import image_set, training_rows
-from anomaly_core.backbones import create_backbone
-from anomaly_core.config import BackboneConfig, build
+from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
-from stages.common import skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -26,8 +25,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))
-    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size).to(device())
+    ccfg, clip = clip_backbone(params, device())
     _, anchors = load_text_adapters(text_adapters, clip, ccfg.name)
     rows = mf.read_manifest(manifest)
     train, select = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))

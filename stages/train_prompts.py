@@ -3,14 +3,13 @@ from pathlib import Path
 
 import typer
 
-from anomaly_core.backbones import create_backbone
-from anomaly_core.config import BackboneConfig, KnnConfig, build
+from anomaly_core.config import KnnConfig, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
 from anomaly_core.prompts.coop import CoopConfig, save_prompt_clip, train_prompt_clip
 from anomaly_core.prompts.vpt import VptConfig, history_records, save_vpt, train_vpt
 from anomaly_core.store import FeatureStore
-from stages.common import skip_unless_anomaly, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_unless_anomaly, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -28,8 +27,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     seed_everything(seed)
     size = int(get(params, "data.image_size"))
     rows, store = mf.read_manifest(manifest), FeatureStore(features)
-    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size)
+    ccfg, clip = clip_backbone(params)
     coop_cfg = build(CoopConfig, {**get(params, "prompt_clip"), "seed": seed}, "prompt_clip")
     learners, coop_report = train_prompt_clip(store, rows, clip, coop_cfg, size, progress())
     for cat, learner in learners.items():

@@ -6,12 +6,11 @@ import typer
 
 from anomaly_core.adapters import TextAdapterConfig, class_anchors, save_text_adapters, train_text_adapters
 from anomaly_core.adapters.data import text_stage_data, training_rows
-from anomaly_core.backbones import create_backbone
-from anomaly_core.config import BackboneConfig, build
+from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore
-from stages.common import skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -28,8 +27,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))
-    ccfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-    clip = create_backbone(ccfg.name, ccfg.pretrained, ccfg.levels, ccfg.image_size).to(device())
+    ccfg, clip = clip_backbone(params, device())
     rows = mf.read_manifest(manifest)
     extra = aux_rows(params)
     if extra:  # cross-dataset protocol: train on every image of the second dataset

@@ -1,7 +1,6 @@
 """timm backbones with `features_only` multi-scale maps (EfficientNet-Lite0, ResNet, DINOv2/DINOv3 ViTs)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
