@@ -9,6 +9,7 @@ import typer
 from anomaly_core.classification import ClassificationConfig, class_prompts, class_splits, run_classification
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
+from anomaly_core.data.holdout import selection_rows
 from anomaly_core.evaluation import masks_for, protocol_note, rounded
 from anomaly_core.fusion import FusionConfig, fuse_scores, select_clip_method
 from anomaly_core.io import write_json
@@ -16,14 +17,16 @@ from anomaly_core.store import FeatureStore, load_scores, save_scores
 from stages.common import clip_backbone, friendly_errors, get, load_params
 
 app = typer.Typer(add_completion=False)
+HOLDOUT_KEYS = ("aaclip.holdout_fraction", "multi_prototype.holdout_fraction", "prompt_clip.holdout_fraction",
+                "vpt_knn.holdout_fraction")
 CLIP_PREFERENCE = ["aaclip", "prompt_clip", "multi_prototype", "zero_shot_clip", "image_prototype"]
 
 
 def val_truth(rows, size: int) -> dict:
-    """{category: (ids, labels [N], masks [N, S, S])} of the val split."""
+    """{category: (ids, labels [N], masks [N, S, S])} of the given val rows."""
     out = {}
     for cat in mf.categories(rows):
-        part = mf.rows_for(rows, cat, "val")
+        part = [r for r in rows if r.category == cat]
         out[cat] = ([r.id for r in part], np.array([r.label for r in part]), masks_for(part, size))
     return out
 
@@ -31,7 +34,9 @@ def val_truth(rows, size: int) -> dict:
 def anomaly_fusion(params, rows, scores: Path, out: Path, metrics: Path) -> None:
     cfg = build(FusionConfig, params.get("fusion"), "fusion")
     size = int(get(params, "data.image_size"))
-    truth = val_truth(rows, size)
+    # choose on the val rows that no method trained on (the smallest holdout every trained method kept)
+    fraction = min(float(get(params, k)) for k in HOLDOUT_KEYS)
+    truth = val_truth(selection_rows(rows, int(get(params, "seed")), fraction), size)
     have = [m for m in CLIP_PREFERENCE if (scores / m / "val.safetensors").is_file()]
     clip_method, clip_vals = select_clip_method(
         cfg, {m: load_scores(scores / m / "val.safetensors") for m in have}, truth, CLIP_PREFERENCE)
@@ -40,6 +45,7 @@ def anomaly_fusion(params, rows, scores: Path, out: Path, metrics: Path) -> None
     for split, per_cat in fused.items():
         save_scores(out / "fusion" / f"{split}.safetensors", per_cat)
     report["clip_candidates_val"] = clip_vals
+    report["selection_rows"] = {c: len(t[0]) for c, t in truth.items()}
     write_json(metrics / "fusion.json", rounded_report(report))
     write_json(metrics / "plots" / "alpha_curve.json", [{"alpha": a, f"val_{cfg.metric}": v} for a, v in report["curve"]])
     typer.echo(f"fusion: {clip_method} + {cfg.visual_method}, alpha={report['alpha']} chosen on val "

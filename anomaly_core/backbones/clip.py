@@ -19,6 +19,7 @@ from anomaly_core.errors import ConfigError, WeightsError
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_CLIP = "anomaly-core-tiny-clip"
+RANDOM_INIT_SEED = 0  # untrained CLIP weights are a fixed function of the architecture
 _registered = False
 
 
@@ -44,7 +45,10 @@ def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
 
     register_configs()
     if is_random(pretrained):
-        return open_clip.create_model(name, pretrained=None)
+        # the same "random" weights in every stage and process: features, text encoder and adapters must agree
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return open_clip.create_model(name, pretrained=None)
     if is_local_file(pretrained) and not Path(pretrained).is_file():
         raise WeightsError(f"CLIP weights file not found: {pretrained} (set backbones.clip.pretrained to an existing checkpoint)")
     try:

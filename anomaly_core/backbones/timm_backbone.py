@@ -21,7 +21,9 @@ def _build(name: str, pretrained: str | None) -> nn.Module:
     import timm
 
     if is_random(pretrained):
-        return timm.create_model(name, pretrained=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same untrained weights in every stage and process
+            return timm.create_model(name, pretrained=False)
     if pretrained == EFFNET_LITE0_PACKAGE:
         if name != "efficientnet_lite0":
             raise ConfigError(f"pretrained={EFFNET_LITE0_PACKAGE} only fits efficientnet_lite0, not {name}")

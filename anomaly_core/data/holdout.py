@@ -1,7 +1,8 @@
 """Which rows a few-shot method may train on and which it selects its checkpoint on (never test).
 
 Methods that use defect images take them from the `val` split only; a seeded share of those val anomalies
-(with the val normals) is held out for early stopping / checkpoint selection.
+(with the val normals) is held out for early stopping / checkpoint selection, and the fusion chooses its
+alpha on the held-out rows only, which no method trained on.
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def split_holdout(rows: Sequence[Row], category: str, seed: int, method: str, fr
     no_holdout = HoldoutSplit(shots, anomalous, [], [])
     if len(anomalous) < 2 or fraction <= 0:
         return no_holdout
-    rng = stable_rng(seed, f"{method}/holdout/{category}")
+    # One permutation per (seed, category) for every method: with equal fractions all methods hold out the same
+    # val anomalies, and the smallest fraction's holdout is unseen by every method (the fusion selects on it).
+    rng = stable_rng(seed, f"holdout/{category}")
     n_hold = min(max(1, round(fraction * len(anomalous))), len(anomalous) - 1)
     held = set(rng.permutation(len(anomalous))[:n_hold].tolist())
     hold_a = [r for i, r in enumerate(anomalous) if i in held]
@@ -67,3 +70,14 @@ def split_holdout(rows: Sequence[Row], category: str, seed: int, method: str, fr
     if len(hold_n) < min_normals:
         return no_holdout
     return HoldoutSplit(train_n, train_a, hold_n, hold_a)
+
+
+def selection_rows(rows: Sequence[Row], seed: int, fraction: float) -> list[Row]:
+    """The val rows no method trained on (val normals + held-out val anomalies, every category), for choices
+    made after training (fusion alpha). Falls back to the whole val split for a category without a holdout."""
+    out = []
+    for cat in sorted({r.category for r in rows}):
+        split = split_holdout(rows, cat, seed, "selection", fraction)
+        held = (split.holdout_normal + split.holdout_anomalous) if split.has_holdout else []
+        out += [r for r in held if r.split == "val"] or rows_for(rows, cat, "val")
+    return out

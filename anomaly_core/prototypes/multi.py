@@ -59,6 +59,7 @@ class MultiProtoConfig:
     lr: float = 0.002              # Adam
     temperature: float = 0.07      # softmax temperature of the 2-way (normal, abnormal) logits
     use_val_anomalies: bool = True  # train on val anomalies (patches inside masks, globals) when present
+    holdout_fraction: float = 0.25  # share of val anomalies never trained on (kept for the fusion's choice)
     seed: int = 0
     batch_size: int = 8192         # normal patch tokens per step (abnormal ones are resampled to match)
     min_coverage: float = 0.5      # a grid cell is an abnormal patch when >= this share of it is masked
@@ -338,7 +339,8 @@ def train_multi_prototype(store: FeatureStore, rows: Sequence[Row], clip, cfg: M
     models, report = {}, {}
     for cat in categories(rows):
         seed = category_seed(cfg.seed, KIND, cat)
-        anomalous = val_anomalies(rows, cat) if cfg.use_val_anomalies else []
+        split = split_holdout(rows, cat, cfg.seed, KIND, cfg.holdout_fraction)
+        anomalous = split.train_anomalous if cfg.use_val_anomalies else []
         data = clip_train_data(store, shot_rows(rows, cat), anomalous, size, cfg.min_coverage)
         text_n, text_a = prompt_embeddings(clip, cat)
         model = MultiPrototype(init_prototypes(text_n, cfg.n_pro, seed, cfg.init_noise),
