@@ -17,6 +17,7 @@ import torch
 from anomaly_core.errors import DataError, WeightsError
 
 CHECKPOINT_SCHEMA = 1
+META_KEY = "anomaly_core"
 
 
 @contextmanager
@@ -56,10 +57,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Atomic safetensors write. Non-string metadata values are JSON-encoded."""
+    """Atomic safetensors write; the metadata travels as one JSON string under the key `anomaly_core`.
+
+    One key only: safetensors writes its metadata map in hash order, so several keys would make byte-different
+    files for identical content (and DVC would see a change on every re-run).
+    """
     from safetensors.torch import save_file
 
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta = {META_KEY: json.dumps(metadata or {}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
@@ -76,8 +81,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         meta_raw = f.metadata() or {}
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
+    if META_KEY in meta_raw:
+        return tensors, json.loads(meta_raw[META_KEY])
     meta = {}
-    for k, v in meta_raw.items():
+    for k, v in meta_raw.items():  # files written by other tools: decode what is JSON
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
