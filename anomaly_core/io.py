@@ -5,6 +5,7 @@ crash never leaves a half-written output.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -95,8 +96,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 def save_checkpoint(path: str | Path, kind: str, arch: str, state: dict[str, torch.Tensor], **extra: Any) -> None:
     """Plain state_dict checkpoint with a schema version, the checkpoint kind and the architecture name."""
     payload = {"schema": CHECKPOINT_SCHEMA, "kind": kind, "arch": arch, "state_dict": state, **extra}
+    buffer = io.BytesIO()  # a buffer, not the temp file: torch.save names the zip archive after the file
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, kind: str, arch: str | None = None) -> dict[str, Any]:
