@@ -13,6 +13,11 @@ from anomaly_core.io import load_tensors, read_json, save_tensors
 SOURCE = {"train": "train", "val": "test", "test": "test"}
 
 
+def level_list(feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The `level_j` tensors of a feature dict, in level order (level_10 after level_9)."""
+    return [feats[k] for k in sorted((k for k in feats if k.startswith("level_")), key=lambda s: int(s[6:]))]
+
+
 class FeatureStore:
     """`data/features/{branch}/{category}/{source}.safetensors` with `ids` metadata."""
 
@@ -56,7 +61,7 @@ class FeatureStore:
         return {k: torch.stack(v).float() for k, v in parts.items()}
 
     def levels(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [feats[k] for k in sorted((k for k in feats if k.startswith("level_")), key=lambda s: int(s[6:]))]
+        return level_list(feats)
 
 
 def save_scores(path: str | Path, per_category: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]) -> None:

@@ -23,6 +23,7 @@ from anomaly_core.config import BackboneConfig, KnnConfig, build  # noqa: E402
 from anomaly_core.data import manifest as mf  # noqa: E402
 from anomaly_core.features import extract_features, iter_batches  # noqa: E402
 from anomaly_core.scoring.knn import PatchKnn, cnn_patches  # noqa: E402
+from anomaly_core.store import level_list  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -60,7 +61,7 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
               f"extract_features (decode+resize+forward+store) {len(paths) / t_feat:7.1f} img/s")
         if branch == "visual":
             kcfg = build(KnnConfig, params.get("knn"), "knn")
-            grid = cnn_patches(feats_levels(feats), kcfg.patch_aggregate)
+            grid = cnn_patches(level_list(feats), kcfg.patch_aggregate)
             n_bank = max(1, len(paths) // 2)
             t_bank, knn = timed(PatchKnn, grid[:n_bank], kcfg.k, kcfg.coreset_ratio, 0, kcfg.chunk)
             t_score, _ = timed(knn.score, grid[n_bank:])
@@ -74,10 +75,6 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
                       f"scored in {t_sc:.2f}s ({n_q / max(t_sc, 1e-9):.1f} img/s)")
     if stages:
         time_stages()
-
-
-def feats_levels(feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    return [feats[k] for k in sorted((k for k in feats if k.startswith("level_")), key=lambda s: int(s[6:]))]
 
 
 def time_stages() -> None:

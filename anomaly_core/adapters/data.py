@@ -15,7 +15,7 @@ from anomaly_core.data.holdout import split_holdout
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.evaluation import masks_for
 from anomaly_core.features import extract_features, load_resized
-from anomaly_core.store import FeatureStore
+from anomaly_core.store import FeatureStore, level_list
 
 ImageSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
 
@@ -54,7 +54,6 @@ def text_stage_data(rows: Sequence[Row], mask_size: int, store: FeatureStore | N
         else:
             feats = {k: v.float() for k, v in extract_features(backbone, [r.image for r in part], 16,
                                                                 torch.float16, f"clip/{cat}", progress).items()}
-        levels = [feats[k] for k in sorted((k for k in feats if k.startswith("level_")), key=lambda s: int(s[6:]))]
-        out.append({"levels": levels, "global": feats["global"],
+        out.append({"levels": level_list(feats), "global": feats["global"],
                     "masks": torch.from_numpy(masks_for(part, mask_size)).float(), "class_name": cat})
     return out
