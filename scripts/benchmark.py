@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,14 +64,14 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
             kcfg = build(KnnConfig, params.get("knn"), "knn")
             grid = cnn_patches(level_list(feats), kcfg.patch_aggregate)
             n_bank = max(1, len(paths) // 2)
-            t_bank, knn = timed(PatchKnn, grid[:n_bank], kcfg.k, kcfg.coreset_ratio, 0, kcfg.chunk)
-            t_score, _ = timed(knn.score, grid[n_bank:])
+            t_bank, knn = timed(PatchKnn.fit, grid[:n_bank], kcfg, 0)
+            t_score, _ = timed(knn.distances, grid[n_bank:])
             n_q = grid.shape[0] - n_bank
             print(f"   kNN: bank {knn.bank.shape[0]} patches x {knn.bank.shape[1]} dims built in {t_bank:.2f}s; "
                   f"scored {n_q} images in {t_score:.2f}s ({n_q / max(t_score, 1e-9):.1f} img/s)")
             for ratio in (0.1,):
-                t_core, knn_c = timed(PatchKnn, grid[:n_bank], kcfg.k, ratio, 0, kcfg.chunk)
-                t_sc, _ = timed(knn_c.score, grid[n_bank:])
+                t_core, knn_c = timed(PatchKnn.fit, grid[:n_bank], replace(kcfg, coreset_ratio=ratio), 0)
+                t_sc, _ = timed(knn_c.distances, grid[n_bank:])
                 print(f"   kNN coreset {ratio}: bank {knn_c.bank.shape[0]} built in {t_core:.2f}s; "
                       f"scored in {t_sc:.2f}s ({n_q / max(t_sc, 1e-9):.1f} img/s)")
     if stages:

@@ -35,14 +35,14 @@ def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: i
         bank_grid = patch_grid(store, cfg.branch, shot_rows(rows, cat), cfg.patch_aggregate)
         if transform is not None:
             bank_grid = transform(bank_grid)
-        knn = PatchKnn(bank_grid, cfg.k, cfg.coreset_ratio, seed, cfg.chunk)
+        knn = PatchKnn.fit(bank_grid, cfg, seed)
         for split in EVAL_SPLITS:
             part = rows_for(rows, cat, split)
             grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate)
             if transform is not None:
                 grid = transform(grid)
-            maps = to_image_maps(knn.score(grid, progress), size, cfg.sigma)
-            out[split][cat] = ([r.id for r in part], image_score_from_map(maps, cfg.image_score, cfg.top_percent), maps)
+            image, maps = knn.predict(grid, size, progress)
+            out[split][cat] = ([r.id for r in part], image, maps)
     return out
 
 

@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from anomaly_core.config import KnnConfig
+from anomaly_core.scoring.maps import image_score_from_map, to_image_maps
+
 
 def cnn_patches(levels: list[torch.Tensor], aggregate: int = 3) -> torch.Tensor:
     """Multi-scale CNN maps -> patch descriptors on the finest grid.
@@ -72,18 +75,32 @@ def knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: i
 
 
 class PatchKnn:
-    """Memory bank of normal patch descriptors; scores patch grids [N, h, w, D] -> [N, h, w]."""
+    """Memory bank of normal patch descriptors [M, D] and the search settings of a `KnnConfig`.
 
-    def __init__(self, normal_patches: torch.Tensor, k: int = 1, coreset_ratio: float = 1.0, seed: int = 0,
-                 chunk: int = 4096):
-        bank = normal_patches.reshape(-1, normal_patches.shape[-1]).float()  # [M, D]
-        if coreset_ratio < 1.0:
-            bank = bank[greedy_coreset(bank, coreset_ratio, seed)]
-        self.bank, self.k, self.chunk = bank, k, chunk
+    `PatchKnn.fit(normal_grid, cfg, seed)` builds the bank (optionally a greedy coreset);
+    `distances(grid)` -> patch-grid distances [N, h, w]; `predict(grid, size)` -> (image [N], maps [N, S, S]).
+    """
 
-    def score(self, patches: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        n, h, w, d = patches.shape
+    def __init__(self, bank: torch.Tensor, cfg: KnnConfig):
+        self.bank, self.cfg = bank.float(), cfg  # [M, D]
+
+    @classmethod
+    def fit(cls, normal_grid: torch.Tensor, cfg: KnnConfig, seed: int = 0) -> "PatchKnn":
+        """normal_grid [N, h, w, D] -> a PatchKnn whose bank is all N*h*w patches (or their coreset)."""
+        bank = normal_grid.reshape(-1, normal_grid.shape[-1]).float()  # [M, D]
+        if cfg.coreset_ratio < 1.0:
+            bank = bank[greedy_coreset(bank, cfg.coreset_ratio, seed)]
+        return cls(bank, cfg)
+
+    def distances(self, grid: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """grid [N, h, w, D] -> mean distance to the k nearest bank patches [N, h, w]."""
+        n, h, w, d = grid.shape
         out = []
         for i in tqdm(range(n), desc="knn", leave=False, disable=not progress):
-            out.append(knn_distance(patches[i].reshape(-1, d), self.bank, self.k, self.chunk).reshape(h, w))
+            out.append(knn_distance(grid[i].reshape(-1, d), self.bank, self.cfg.k, self.cfg.chunk).reshape(h, w))
         return torch.stack(out)
+
+    def predict(self, grid: torch.Tensor, size: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid [N, h, w, D] -> (image scores [N], smoothed pixel maps [N, size, size])."""
+        maps = to_image_maps(self.distances(grid, progress), size, self.cfg.sigma)
+        return image_score_from_map(maps, self.cfg.image_score, self.cfg.top_percent), maps
