@@ -143,6 +143,18 @@ class ZeroShotConfig:
     temperature: float = 0.01
 
 
+@dataclass
+class EvaluateConfig:
+    max_fpr: float = 0.3   # AUPRO integration limit (MVTec AD protocol)
+    n_heatmaps: int = 4    # test images per category and method in reports/heatmaps
+
+    def validate(self, section: str) -> None:
+        if not 0.0 < self.max_fpr <= 1.0:
+            raise ConfigError(f"{section}.max_fpr={self.max_fpr}: must be in (0, 1]")
+        if self.n_heatmaps < 0:
+            raise ConfigError(f"{section}.n_heatmaps={self.n_heatmaps}: must be >= 0")
+
+
 def shots_value(value: Any) -> int | str:
     """`shots`: a positive integer or 'all'."""
     if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):

@@ -73,6 +73,18 @@ class FusionConfig:
             raise ConfigError(f"{section}.max_fpr={self.max_fpr}: must be in (0, 1]")
 
 
+def val_truth(rows, size: int) -> Truth:
+    """Ground truth of the given (val) manifest rows: {category: (ids, labels [N], masks [N, S, S])}."""
+    from anomaly_core.data.manifest import categories
+    from anomaly_core.evaluation import masks_for
+
+    out = {}
+    for cat in categories(rows):
+        part = [r for r in rows if r.category == cat]
+        out[cat] = ([r.id for r in part], np.array([r.label for r in part]), masks_for(part, size))
+    return out
+
+
 # --------------------------------------------------------------------------- normalisation
 
 

@@ -36,10 +36,30 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             os.remove(tmp)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Atomic JSON write with sorted, indented keys (stable diffs under git)."""
+def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> None:
+    """Atomic, indented JSON write (keys in insertion order, or sorted)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def jsonable(obj: Any, digits: int = 6) -> Any:
+    """Plain JSON values from nested dicts / lists / tuples of tensors, numpy values and floats (rounded;
+    non-finite floats become None)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, digits) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return jsonable(obj.tolist(), digits)
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item(), digits)
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else None
+    return obj
 
 
 def read_json(path: str | Path) -> Any:

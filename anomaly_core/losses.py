@@ -1,11 +1,13 @@
-"""Segmentation and text-anchor losses used by AA-CLIP (focal, dice, their sum, orthogonality)."""
+"""Losses: segmentation and text-anchor losses of AA-CLIP (focal, dice, their sum, orthogonality) and the
+class-balanced 2-way cross-entropy of multi-prototype and CoOp."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["focal_loss", "dice_loss", "seg_loss", "orthogonal_loss"]
+__all__ = ["focal_loss", "dice_loss", "seg_loss", "orthogonal_loss", "balanced_ce"]
 
 
 def _mask4(mask: torch.Tensor) -> torch.Tensor:
@@ -56,3 +58,18 @@ def orthogonal_loss(anchors: torch.Tensor) -> torch.Tensor:
     """
     a = anchors if anchors.shape[1] == 2 else anchors.transpose(1, 2)  # [C, 2, E]
     return (a[:, 0] * a[:, 1]).sum(-1).mean().pow(2)
+
+
+def balanced_ce(logits_normal: torch.Tensor, logits_abnormal: torch.Tensor) -> torch.Tensor:
+    """Class-balanced 2-way cross-entropy: mean over the present classes of the per-class mean CE.
+
+    logits_normal [Pn, 2] (target 0), logits_abnormal [Pa, 2] (target 1); an empty side is skipped.
+    """
+    terms = []
+    if logits_normal.shape[0]:
+        terms.append(F.cross_entropy(logits_normal, torch.zeros(logits_normal.shape[0], dtype=torch.long)))
+    if logits_abnormal.shape[0]:
+        terms.append(F.cross_entropy(logits_abnormal, torch.ones(logits_abnormal.shape[0], dtype=torch.long)))
+    if not terms:
+        raise ValueError("balanced_ce: no samples")
+    return torch.stack(terms).mean()

@@ -33,6 +33,15 @@ def load_params(path: Path = PARAMS) -> dict[str, Any]:
     return params
 
 
+def load_config(path: Path) -> dict[str, Any]:
+    """A stage's resolved params (`data/config/<stage>.json`, written by the `validate` stage from params.yaml)."""
+    if not path.is_file():
+        raise ConfigError(f"missing {path}: run `dvc repro` (the validate stage writes it from params.yaml)")
+    import json
+
+    return json.loads(path.read_text())
+
+
 def get(params: dict[str, Any], dotted: str) -> Any:
     return section(params, dotted)
 
@@ -86,26 +95,31 @@ def aux_rows(params: dict[str, Any]) -> list:
     return rows
 
 
-def skip_unless_anomaly(params: dict[str, Any], files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> bool:
-    """With `task: classification` the anomaly stages have nothing to do: leave empty, clearly marked outputs
-    (so DVC's declared outputs exist) and return True."""
-    if params.get("task", "anomaly") == "anomaly":
-        return False
+def skip_outputs(reason: str, files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> None:
+    """A stage with nothing to do (a method not selected, task=classification) leaves empty, clearly marked
+    outputs, so DVC's declared outputs exist."""
     from anomaly_core.io import save_checkpoint, write_json
 
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-        (d / "SKIPPED").write_text("task=classification: anomaly stages do not run\n")
+        (d / "SKIPPED").write_text(reason + "\n")
     for f in files:
         if f.suffix == ".json":
             write_json(f, [])
         else:
-            save_checkpoint(f, "skipped", "none", {}, note="task=classification: anomaly stages do not run")
-    print("task=classification: stage skipped")
+            save_checkpoint(f, "skipped", "none", {}, note=reason)
+    print(f"skipped: {reason}")
+
+
+def skip_unless_anomaly(params: dict[str, Any], files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> bool:
+    """With `task: classification` the anomaly stages have nothing to do: skip them (see `skip_outputs`)."""
+    if get(params, "task") == "anomaly":
+        return False
+    skip_outputs("task=classification: anomaly stages do not run", files, dirs)
     return True
 
 
-def clip_backbone(params: dict[str, Any], on: torch.device | None = None):
+def clip_backbone(params: dict[str, Any], on: torch.device | None = None):  # noqa: D401
     """(BackboneConfig, frozen ClipBackbone) from `backbones.clip`."""
     from anomaly_core.backbones import create_backbone
     from anomaly_core.config import BackboneConfig, build

@@ -1,7 +1,9 @@
-"""DVC stage `features`: run each frozen backbone once over every image and cache the features.
+"""DVC stage `features`: run each frozen backbone the selected methods need once over every image and cache
+the features.
 
 One safetensors file per (branch, category, source split) under `data/features/`, plus `info.json`
-describing the backbones (name, weights, untrained flag, levels, grid).
+describing the backbones (name, weights, untrained flag, levels, grid). The branches come from
+`data/config/features.json` (the `validate` stage keeps only those the selected methods read).
 """
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from anomaly_core.config import BackboneConfig, FeaturesConfig, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.features import extract_features
 from anomaly_core.io import save_tensors, write_json
-from stages.common import device, friendly_errors, get, load_params, progress
+from stages.common import device, friendly_errors, load_config, progress
 
 app = typer.Typer(add_completion=False)
 BRANCHES = ("visual", "clip")
@@ -33,15 +35,16 @@ def backbone_info(bb, cfg: BackboneConfig) -> dict:
 @app.command()
 @friendly_errors
 def main(images: Path = typer.Option(Path("data/prepared/images.csv")),
+         config: Path = typer.Option(Path("data/config/features.json")),
          out: Path = typer.Option(Path("data/features"))) -> None:
-    params = load_params()
-    fcfg = build(FeaturesConfig, params.get("features"), "features")
+    params = load_config(config)
+    fcfg = build(FeaturesConfig, params["features"], "features")
     dtype = getattr(torch, fcfg.dtype)
     rows = mf.read_manifest(images)
     dev = device()
     info = {}
     for branch in BRANCHES:
-        raw = get(params, "backbones").get(branch)
+        raw = params["backbones"].get(branch)
         if raw is None:
             continue
         cfg = build(BackboneConfig, raw, f"backbones.{branch}")

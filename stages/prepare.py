@@ -11,7 +11,7 @@ from anomaly_core.config import DataConfig, build, shots_value
 from anomaly_core.data import manifest as mf
 from anomaly_core.data import readers
 from anomaly_core.errors import ConfigError
-from stages.common import friendly_errors, get, load_params
+from stages.common import friendly_errors, get, load_config
 
 app = typer.Typer(add_completion=False)
 
@@ -29,10 +29,11 @@ def read_rows(cfg: DataConfig, demo_root: Path) -> list[mf.Row]:
 @app.command()
 @friendly_errors
 def main(demo_root: Path = typer.Option(Path("data/demo")),
+         config: Path = typer.Option(Path("data/config/prepare.json")),
          out: Path = typer.Option(Path("data/prepared"))) -> None:
-    params = load_params()
+    params = load_config(config)
     cfg = build(DataConfig, get(params, "data"), "data")
-    shots, seed, task = shots_value(get(params, "shots")), int(get(params, "seed")), params.get("task", "anomaly")
+    shots, seed, task = shots_value(get(params, "shots")), int(get(params, "seed")), get(params, "task")
     rows = read_rows(cfg, demo_root)
     readers.validate_rows(rows)
     mf.write_manifest(rows, out / "images.csv")

@@ -8,7 +8,7 @@ from anomaly_core.adapters.data import image_set, training_rows
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
-from stages.common import clip_backbone, skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_outputs, aux_rows, device, friendly_errors, get, load_config, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -16,11 +16,13 @@ app = typer.Typer(add_completion=False)
 @app.command()
 @friendly_errors
 def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
-         text_adapters: Path = typer.Option(Path("data/models/aaclip_text.pt")),
-         out: Path = typer.Option(Path("data/models/aaclip_image.pt")),
+         text_adapters: Path = typer.Option(Path("data/models/aaclip/text.pt")),
+         config: Path = typer.Option(Path("data/config/train_image_adapter.json")),
+         out: Path = typer.Option(Path("data/models/aaclip/image.pt")),
          history: Path = typer.Option(Path("metrics/aaclip_image_history.json"))) -> None:
-    params = load_params()
-    if skip_unless_anomaly(params, files=(out, history)):
+    params = load_config(config)
+    if not params["enabled"]:
+        skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out, history))
         return
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)

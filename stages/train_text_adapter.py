@@ -10,7 +10,7 @@ from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore
-from stages.common import clip_backbone, skip_unless_anomaly, aux_rows, device, friendly_errors, get, load_params, progress, seed_everything
+from stages.common import clip_backbone, skip_outputs, aux_rows, device, friendly_errors, get, load_config, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -19,10 +19,12 @@ app = typer.Typer(add_completion=False)
 @friendly_errors
 def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          features: Path = typer.Option(Path("data/features")),
-         out: Path = typer.Option(Path("data/models/aaclip_text.pt")),
+         config: Path = typer.Option(Path("data/config/train_text_adapter.json")),
+         out: Path = typer.Option(Path("data/models/aaclip/text.pt")),
          history: Path = typer.Option(Path("metrics/aaclip_text_history.json"))) -> None:
-    params = load_params()
-    if skip_unless_anomaly(params, files=(out, history)):
+    params = load_config(config)
+    if not params["enabled"]:
+        skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out, history))
         return
     cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
     seed_everything(cfg.seed)

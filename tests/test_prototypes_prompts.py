@@ -17,7 +17,7 @@ from anomaly_core.io import save_tensors, write_json
 from anomaly_core.prompts.coop import (CoopConfig, PromptLearner, coop_loss, fit_coop, load_prompt_clip,
                                        save_prompt_clip, score_prompt_clip, train_prompt_clip)
 from anomaly_core.prompts.vpt import (PromptModulator, VptConfig, comparison, contrastive_loss, fit_vpt, load_vpt,
-                                      save_vpt, score_vpt, separability_loss, similarity_stats, train_vpt)
+                                      save_vpt, separability_loss, similarity_stats, train_vpt)
 from anomaly_core.prototypes import (ImageProtoConfig, MultiProtoConfig, MultiPrototype, class_centroids, classify,
                                      fit_image_prototypes, load_multi_prototype, normal_centroid_score,
                                      prototype_diagnostics, save_multi_prototype, score_image_prototypes,
@@ -326,12 +326,19 @@ def test_entry_points_on_fake_store(fake_store, clip, tmp_path):
     _check_scores(score_prompt_clip(store, rows, {"alpha": anchors}, ccfg, SIZE), rows)
 
     vcfg, kcfg = VptConfig(epochs=3, num_defect_samples=2), KnnConfig(branch="visual", patch_aggregate=1)
-    vmodels, vreport = train_vpt(store, rows, vcfg, kcfg)
+    vmodels, vreport = train_vpt(store, rows, vcfg, kcfg.branch, kcfg.patch_aggregate)
     assert vreport["alpha"]["criterion"] == "holdout_separability"
     assert vreport["alpha"]["split"]["defect_samples"] == 2
-    _check_scores(score_vpt(store, rows, vmodels, vcfg, kcfg, SIZE), rows)
-    same = score_vpt(store, rows, {"alpha": PromptModulator(torch.randn(3, 8), 0.0)}, vcfg, kcfg, SIZE)
-    from anomaly_core.scoring import knn_scores
+    from dataclasses import asdict
+
+    from anomaly_core.methods import get_method
+    from anomaly_core.methods.base import Context
+    from anomaly_core.methods.shared import knn_scores
+
+    vpt = get_method("vpt_knn")  # scored through the method interface: kNN on prompt-modulated patches
+    ctx = Context(rows, store, vcfg, {"knn": asdict(kcfg)}, SIZE, 0, tmp_path)
+    _check_scores(vpt.score(ctx, vmodels), rows)
+    same = vpt.score(ctx, {"alpha": PromptModulator(torch.randn(3, 8), 0.0)})
 
     plain = knn_scores(store, rows, replace(kcfg, k=vcfg.k_neighbors), SIZE, 0)
     assert torch.allclose(same["test"]["alpha"][1], plain["test"]["alpha"][1])

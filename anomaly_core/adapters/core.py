@@ -14,6 +14,7 @@ from anomaly_core.adapters.modules import ImageAdapters, TextAdapters
 from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.losses import orthogonal_loss, seg_loss
 from anomaly_core.prompts import build_prompts
+from anomaly_core.scoring.maps import mix_image_score
 
 __all__ = [
     "LOGIT_SCALE", "TextAdapterConfig", "ImageAdapterConfig", "class_anchors", "encode_prompts",
@@ -280,6 +281,6 @@ def score_images(backbone, image_adapters: ImageAdapters | None, anchors_by_clas
         seg, det = encode_images(backbone, image_adapters, x)
         m = test_map([t.float() for t in seg], a, backbone.grid, out_size, cfg.sigma, cfg.ksize)  # [b, S, S]
         p = det_probability(det.float(), a)
-        scores.append((cfg.image_weight * p + (1 - cfg.image_weight) * m.flatten(1).max(1).values).cpu())
+        scores.append(mix_image_score(p, m, cfg.image_weight).cpu())
         maps.append(m.cpu())
     return torch.cat(scores), torch.cat(maps)

@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly_core.config import ZeroShotConfig, positive
+from anomaly_core.config import positive
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import ConfigError, WeightsError
 from anomaly_core.io import load_checkpoint, save_checkpoint
-from anomaly_core.prototypes.multi import (ClipTrainData, balanced_ce, category_seed, clip_train_data, resample,
-                                           split_holdout)
-from anomaly_core.scoring import Scores, zero_shot_clip_scores
+from anomaly_core.data.holdout import split_holdout
+from anomaly_core.losses import balanced_ce
+from anomaly_core.methods.shared import ClipTrainData, Scores, category_seed, clip_anchor_scores, clip_train_data, resample
 from anomaly_core.store import FeatureStore
 
 __all__ = ["CoopConfig", "PromptLearner", "state_phrases", "anchor_logits", "coop_loss", "fit_coop",
@@ -248,8 +248,7 @@ def score_prompt_clip(store: FeatureStore, rows: Sequence[Row], anchors: dict[st
 
     `anchors[category]` is a [2, E] tensor (from `load_prompt_clip`) or a trained PromptLearner."""
     plain = {c: (a.anchors if isinstance(a, PromptLearner) else a).detach() for c, a in anchors.items()}
-    zcfg = ZeroShotConfig(sigma=cfg.sigma, image_weight=cfg.image_weight, temperature=cfg.temperature)
-    return zero_shot_clip_scores(store, rows, plain, zcfg, size)
+    return clip_anchor_scores(store, rows, plain, cfg.sigma, cfg.image_weight, cfg.temperature, size)
 
 
 def save_prompt_clip(path: str | Path, learner: PromptLearner, arch: str, cfg: CoopConfig | None = None,

@@ -8,7 +8,8 @@ branch (`knn.branch`: CNN maps or CLIP tokens) through attention:
 
 with `scale` fixed (`prompt_scale`, 0.01) or learnable per dimension (`learnable_scale`, initialised to
 `prompt_scale`). The backbone is untouched; scoring is the usual patch kNN on modulated descriptors
-(`knn_scores(..., transform=model.transform)`), memory bank included. Prompts are initialised from
+(`anomaly_core.methods.knn.knn_scores(..., transform=model.transform)`, see methods/vpt_knn.py), memory
+bank included. Prompts are initialised from
 `num_prompts` seeded k-shot normal patch descriptors, so they live at the descriptors' scale and the
 attention is informative from the first step.
 
@@ -30,7 +31,7 @@ selects the checkpoint; `history["criterion"]` says which. Adam with a cosine sc
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -39,17 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly_core.config import KnnConfig, positive
-from anomaly_core.data.manifest import Row, categories, rows_for, stable_rng
+from anomaly_core.config import positive
+from anomaly_core.data.manifest import Row, categories, stable_rng
 from anomaly_core.errors import ConfigError, WeightsError
 from anomaly_core.io import load_checkpoint, save_checkpoint
 from anomaly_core.data.holdout import split_holdout
-from anomaly_core.prototypes.multi import category_seed
-from anomaly_core.scoring import EVAL_SPLITS, Scores, knn_scores, patch_grid
+from anomaly_core.methods.shared import category_seed, patch_grid
 from anomaly_core.store import FeatureStore
 
 __all__ = ["VptConfig", "PromptModulator", "similarity_stats", "separability_loss", "contrastive_loss",
-           "image_embeddings", "fit_vpt", "train_vpt", "score_vpt", "comparison", "save_vpt", "load_vpt", "KIND"]
+           "image_embeddings", "fit_vpt", "train_vpt", "comparison", "save_vpt", "load_vpt", "KIND"]
 
 KIND = "vpt_knn"
 
@@ -106,7 +106,7 @@ class PromptModulator(nn.Module):
 
     @torch.no_grad()
     def transform(self, patches: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """Inference for `knn_scores(..., transform=...)`: [N, h, w, D] -> [N, h, w, D], in image chunks."""
+        """Inference for `methods.knn.knn_scores(..., transform=...)`: [N, h, w, D] -> [N, h, w, D], in image chunks."""
         return torch.cat([self(patches[i:i + chunk].float()) for i in range(0, patches.shape[0], chunk)])
 
 
@@ -232,9 +232,9 @@ def _init_prompts(normal: torch.Tensor, num_prompts: int, seed: int) -> torch.Te
     return flat[idx].float().clone()
 
 
-def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, knn_cfg: KnnConfig,
+def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, branch: str, aggregate: int,
               progress: bool = False) -> tuple[dict[str, PromptModulator], dict[str, dict]]:
-    """One PromptModulator per category on the `knn_cfg.branch` patch grids.
+    """One PromptModulator per category on the patch grids of the kNN branch (`knn.branch`, `knn.patch_aggregate`).
 
     Returns ({category: model}, {category: history + "split"}). A category with < 2 shots or no val
     anomaly keeps its initial prompts (history["note"] says why)."""
@@ -245,7 +245,7 @@ def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, knn_cfg:
         pool = split.train_anomalous
         order = stable_rng(cfg.seed, f"{KIND}/defects/{cat}").permutation(len(pool))[:cfg.num_defect_samples]
         defects = [pool[i] for i in sorted(order.tolist())]
-        grid = lambda part: patch_grid(store, knn_cfg.branch, part, knn_cfg.patch_aggregate)  # [N, h, w, D]
+        grid = lambda part: patch_grid(store, branch, part, aggregate)  # [N, h, w, D]
         normal = grid(split.train_normal)
         model = PromptModulator(_init_prompts(normal, cfg.num_prompts, seed), cfg.prompt_scale, cfg.learnable_scale)
         info = {"split": {**split.counts(), "defect_samples": len(defects)}}
@@ -259,21 +259,7 @@ def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, knn_cfg:
     return models, report
 
 
-# ---------------------------------------------------------------------------- scoring and comparison
-
-
-def score_vpt(store: FeatureStore, rows: Sequence[Row], models: Mapping[str, PromptModulator], cfg: VptConfig,
-              knn_cfg: KnnConfig, size: int, seed: int = 0, progress: bool = False) -> Scores:
-    """Patch kNN on modulated descriptors, per category with its own prompts (k = cfg.k_neighbors).
-
-    -> {split: {category: (ids, image [N], maps [N, size, size])}} for val and test."""
-    kcfg = replace(knn_cfg, k=cfg.k_neighbors)
-    out: Scores = {s: {} for s in EVAL_SPLITS}
-    for cat in categories(rows):
-        res = knn_scores(store, rows_for(rows, cat), kcfg, size, seed, progress, transform=models[cat].transform)
-        for split in EVAL_SPLITS:
-            out[split].update(res[split])
-    return out
+# ---------------------------------------------------------------------------- comparison with plain kNN
 
 
 def _pick(metrics: Mapping[str, Any], keys: Sequence[str]) -> float:

@@ -15,11 +15,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from anomaly_core.data.manifest import Row, categories, rows_for
+from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import DataError, WeightsError
 from anomaly_core.io import load_checkpoint, save_checkpoint
-from anomaly_core.prototypes.multi import clip_grid
-from anomaly_core.scoring import EVAL_SPLITS, Scores, shot_rows
+from anomaly_core.methods.shared import Scores, clip_grid, score_splits, shot_rows
 from anomaly_core.scoring.maps import to_image_maps
 from anomaly_core.store import FeatureStore
 
@@ -79,21 +78,16 @@ def fit_image_prototypes(store: FeatureStore, rows: Sequence[Row]) -> dict[str, 
 def score_image_prototypes(store: FeatureStore, rows: Sequence[Row], protos: dict[str, dict[str, torch.Tensor]],
                            cfg: ImageProtoConfig, size: int, progress: bool = False) -> Scores:
     """Scores {split: {category: (ids, image [N], maps [N, size, size])}} for val and test."""
-    out: Scores = {s: {} for s in EVAL_SPLITS}
     grid = clip_grid(store)
-    for cat in categories(rows):
-        p = protos[cat]
-        for split in EVAL_SPLITS:
-            part = rows_for(rows, cat, split)
-            if not part:
-                continue
-            feats = store.get("clip", part)
-            n = len(part)
-            per_level = [normal_centroid_score(l, p["patch"][j]).reshape(n, grid, grid)
-                         for j, l in enumerate(store.levels(feats))]
-            maps = to_image_maps(torch.stack(per_level).mean(0), size, cfg.sigma)
-            out[split][cat] = ([r.id for r in part], normal_centroid_score(feats["global"], p["global"]), maps)
-    return out
+
+    def part(cat: str, rows_: list[Row]):
+        p, feats, n = protos[cat], store.get("clip", rows_), len(rows_)
+        per_level = [normal_centroid_score(l, p["patch"][j]).reshape(n, grid, grid)
+                     for j, l in enumerate(store.levels(feats))]
+        maps = to_image_maps(torch.stack(per_level).mean(0), size, cfg.sigma)
+        return normal_centroid_score(feats["global"], p["global"]), maps
+
+    return score_splits(rows, part)
 
 
 # ---------------------------------------------------------------------------- classification

@@ -17,7 +17,7 @@ Instead of one averaged normal and one abnormal text anchor, each category gets 
 Because the val anomalies are training data here, this method's *val* metrics are optimistic; compare
 methods on test.
 
-The module also holds the CLIP training-data helpers that the CoOp method (`prompts/coop.py`) reuses.
+The CLIP training-data helpers it shares with CoOp and VPT live in `anomaly_core/methods/shared.py`.
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 
 from anomaly_core.config import positive
 from anomaly_core.data.holdout import HoldoutSplit, split_holdout, val_anomalies
-from anomaly_core.data.manifest import Row, categories, rows_for, stable_rng
+from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import ConfigError, WeightsError
-from anomaly_core.evaluation import masks_for
 from anomaly_core.io import load_checkpoint, save_checkpoint
-from anomaly_core.scoring import EVAL_SPLITS, Scores, shot_rows
+from anomaly_core.losses import balanced_ce
+from anomaly_core.methods.shared import (EVAL_SPLITS, ClipTrainData, Scores, category_seed, clip_grid, clip_train_data,
+                                         grid_coverage, mix_image_score, resample, score_splits, shot_rows)
 from anomaly_core.scoring.maps import to_image_maps
 from anomaly_core.store import FeatureStore
 
@@ -72,66 +73,6 @@ class MultiProtoConfig:
                  temperature=self.temperature, batch_size=self.batch_size, min_coverage=self.min_coverage)
         if not 0.0 <= self.image_weight <= 1.0:
             raise ConfigError(f"{section}.image_weight={self.image_weight}: must be in [0, 1]")
-
-
-def category_seed(seed: int, method: str, category: str) -> int:
-    """A per-(method, category) torch seed that does not depend on which other categories exist."""
-    return int(stable_rng(seed, f"{method}/{category}").integers(2**31 - 1))
-
-
-# ---------------------------------------------------------------------------- training data (shared with CoOp)
-
-
-@dataclass
-class ClipTrainData:
-    """Cached CLIP tokens of one category, flattened over images and levels."""
-
-    normal_patches: torch.Tensor    # [Pn, E] shots first (their count is n_shot_patches), then clean cells
-    abnormal_patches: torch.Tensor  # [Pa, E] grid cells of anomalous images with mask coverage >= min_coverage
-    normal_globals: torch.Tensor    # [Gn, E]
-    abnormal_globals: torch.Tensor  # [Ga, E]
-    n_shot_patches: int = 0
-
-    def counts(self) -> dict[str, int]:
-        return {"normal_patches": int(self.normal_patches.shape[0]),
-                "abnormal_patches": int(self.abnormal_patches.shape[0]),
-                "normal_images": int(self.normal_globals.shape[0]),
-                "abnormal_images": int(self.abnormal_globals.shape[0])}
-
-
-def clip_grid(store: FeatureStore) -> int:
-    """The CLIP patch grid side from the feature store's info (an int, or [gh, gw] with gh == gw)."""
-    grid = store.info["clip"]["grid"]
-    return int(grid[0] if isinstance(grid, (list, tuple)) else grid)
-
-
-def grid_coverage(rows: Sequence[Row], size: int, grid: int) -> torch.Tensor:
-    """Share of each grid cell covered by the ground-truth mask: rows -> [N, grid*grid] in [0, 1]
-    (row-major, the order of the CLIP patch tokens). Masks are read at `size` then area-averaged."""
-    masks = torch.from_numpy(masks_for(rows, size)).float()[:, None]  # [N, 1, S, S]
-    return F.adaptive_avg_pool2d(masks, grid).flatten(1)  # [N, g*g]
-
-
-
-
-def clip_train_data(store: FeatureStore, normal_rows: Sequence[Row], anomalous_rows: Sequence[Row], size: int,
-                    min_coverage: float = 0.5) -> ClipTrainData:
-    """Gather cached CLIP tokens: every patch of every level of `normal_rows` is normal; for
-    `anomalous_rows`, cells with coverage >= min_coverage are abnormal, cells with zero coverage normal."""
-    feats = store.get("clip", normal_rows)
-    levels = store.levels(feats)  # [N, L, E] each
-    dim = feats["global"].shape[-1]
-    normal = [lvl.reshape(-1, dim) for lvl in levels]
-    n_shot = sum(p.shape[0] for p in normal)
-    abnormal, ab_glob = [torch.zeros(0, dim)], torch.zeros(0, dim)
-    if anomalous_rows:
-        afeats = store.get("clip", anomalous_rows)
-        cov = grid_coverage(anomalous_rows, size, clip_grid(store))  # [Na, L]
-        for lvl in store.levels(afeats):
-            abnormal.append(lvl[cov >= min_coverage])
-            normal.append(lvl[cov == 0])
-        ab_glob = afeats["global"]
-    return ClipTrainData(torch.cat(normal), torch.cat(abnormal), feats["global"], ab_glob, n_shot)
 
 
 # ---------------------------------------------------------------------------- initialisation
@@ -216,21 +157,6 @@ class MultiPrototype(nn.Module):
 # ---------------------------------------------------------------------------- training
 
 
-def balanced_ce(logits_normal: torch.Tensor, logits_abnormal: torch.Tensor) -> torch.Tensor:
-    """Class-balanced 2-way cross-entropy: mean over the present classes of the per-class mean CE.
-
-    logits_normal [Pn, 2] (target 0), logits_abnormal [Pa, 2] (target 1); an empty side is skipped.
-    """
-    terms = []
-    if logits_normal.shape[0]:
-        terms.append(F.cross_entropy(logits_normal, torch.zeros(logits_normal.shape[0], dtype=torch.long)))
-    if logits_abnormal.shape[0]:
-        terms.append(F.cross_entropy(logits_abnormal, torch.ones(logits_abnormal.shape[0], dtype=torch.long)))
-    if not terms:
-        raise ValueError("balanced_ce: no samples")
-    return torch.stack(terms).mean()
-
-
 def multi_proto_loss(model: MultiPrototype, normal: torch.Tensor, abnormal: torch.Tensor,
                      normal_glob: torch.Tensor, abnormal_glob: torch.Tensor) -> torch.Tensor:
     """Patch-level balanced CE + image-level balanced CE (the image term is skipped without globals).
@@ -241,13 +167,6 @@ def multi_proto_loss(model: MultiPrototype, normal: torch.Tensor, abnormal: torc
     if normal_glob.shape[0] + abnormal_glob.shape[0]:
         loss = loss + balanced_ce(model.logits(normal_glob), model.logits(abnormal_glob))
     return loss
-
-
-def resample(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    """n rows of x [P, E] drawn with replacement (all of x when P <= n); [0, E] stays empty."""
-    if x.shape[0] <= n:
-        return x
-    return x[torch.randint(x.shape[0], (n,), generator=g)]
 
 
 def fit_multi_prototype(model: MultiPrototype, data: ClipTrainData, cfg: MultiProtoConfig, seed: int = 0,
@@ -363,25 +282,20 @@ def prototype_maps(model: MultiPrototype, levels: list[torch.Tensor], global_emb
     n = global_emb.shape[0]
     per_level = [model(t).reshape(n, grid, grid) for t in levels]
     maps = to_image_maps(torch.stack(per_level).mean(0), size, sigma)
-    image = image_weight * model(global_emb) + (1.0 - image_weight) * maps.flatten(1).max(1).values
-    return image, maps
+    return mix_image_score(model(global_emb), maps, image_weight), maps
 
 
 def score_multi_prototype(store: FeatureStore, rows: Sequence[Row], models: dict[str, MultiPrototype],
                           cfg: MultiProtoConfig, size: int, progress: bool = False) -> Scores:
     """Scores {split: {category: (ids, image [N], maps [N, size, size])}} for val and test."""
-    out: Scores = {s: {} for s in EVAL_SPLITS}
     grid = clip_grid(store)
-    for cat in tqdm(categories(rows), desc=KIND, leave=False, disable=not progress):
-        for split in EVAL_SPLITS:
-            part = rows_for(rows, cat, split)
-            if not part:
-                continue
-            feats = store.get("clip", part)
-            image, maps = prototype_maps(models[cat], store.levels(feats), feats["global"], grid, size,
-                                         cfg.sigma, cfg.image_weight)
-            out[split][cat] = ([r.id for r in part], image, maps)
-    return out
+
+    def part(cat: str, rows_: list[Row]):
+        feats = store.get("clip", rows_)
+        return prototype_maps(models[cat], store.levels(feats), feats["global"], grid, size, cfg.sigma,
+                              cfg.image_weight)
+
+    return score_splits(rows, part)
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -35,6 +35,12 @@ def image_score_from_map(maps: torch.Tensor, mode: str = "max", top_percent: flo
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+def mix_image_score(p_global: torch.Tensor, maps: torch.Tensor, weight: float) -> torch.Tensor:
+    """p_global [N], maps [N, S, S] -> `weight * p_global + (1 - weight) * max(map)` [N]: the image score of
+    zero-shot CLIP, multi-prototype, CoOp and AA-CLIP."""
+    return weight * p_global + (1.0 - weight) * maps.flatten(1).max(1).values
+
+
 def minmax(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Affine rescale with statistics computed elsewhere (e.g. on validation); no clipping."""
     return (x - lo) / max(hi - lo, 1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from anomaly_core.scoring.maps import to_image_maps
+from anomaly_core.scoring.maps import mix_image_score, to_image_maps
 
 
 def anomaly_probs(tokens: torch.Tensor, anchors: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -25,5 +25,4 @@ def zero_shot_scores(levels: list[torch.Tensor], global_emb: torch.Tensor, ancho
     per_level = [anomaly_probs(t, anchors, temperature).reshape(n, grid, grid) for t in levels]
     maps = to_image_maps(torch.stack(per_level).mean(0), size, sigma)
     p_global = anomaly_probs(global_emb[:, None], anchors, temperature)[:, 0]
-    image = image_weight * p_global + (1.0 - image_weight) * maps.flatten(1).max(1).values
-    return image, maps
+    return mix_image_score(p_global, maps, image_weight), maps

@@ -1,0 +1,40 @@
+"""Visual prompt tuning on the kNN branch (seeds/000, 001): learned prompt tokens modulate the patch descriptors
+of `knn.branch`, then the plain patch kNN (`shared.knn_scores`, as `methods/knn.py`) runs on the modulated descriptors — VPT is a
+transform of the kNN branch. The prompt maths and training are in `prompts/vpt.py`."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from anomaly_core.config import KnnConfig, build
+from anomaly_core.methods.base import Context, Method, branch_of
+from anomaly_core.methods.shared import Scores, knn_scores
+from anomaly_core.prompts.vpt import VptConfig, load_vpt, save_vpt, train_vpt
+
+
+def fit(ctx: Context):
+    return train_vpt(ctx.store, ctx.rows, ctx.cfg, ctx.get("knn.branch"), ctx.get("knn.patch_aggregate"),
+                     ctx.progress)
+
+
+def save(path: Path, model, ctx: Context) -> None:
+    save_vpt(path, model, ctx.arch(ctx.get("knn.branch")), ctx.cfg)
+
+
+def load(path: Path, ctx: Context):
+    return load_vpt(path, ctx.arch(ctx.get("knn.branch")))[0]
+
+
+def score(ctx: Context, states: dict) -> Scores:
+    kcfg = replace(build(KnnConfig, ctx.get("knn"), "knn"), k=ctx.cfg.k_neighbors)
+    return knn_scores(ctx.store, ctx.rows, kcfg, ctx.size, ctx.seed, ctx.progress,
+                      transform=lambda cat, grid: states[cat].transform(grid))
+
+
+METHOD = Method(
+    name="vpt_knn", section="vpt_knn", config=VptConfig, role="visual", score=score, fit=fit, save=save, load=load,
+    branches=branch_of("knn.branch"), fit_reads=("vpt_knn", "knn.branch", "knn.patch_aggregate"),
+    score_reads=("knn",), holdout="vpt_knn.holdout_fraction", seeded=True,
+    summary="learnable prompt tokens modulate the kNN branch's patch descriptors (prompt-patch attention), trained "
+            "for normal/defect separability on val defects; then patch kNN",
+)

@@ -1,0 +1,146 @@
+"""The pipeline's stages and exactly which params each one reads.
+
+`stage_configs(params)` turns the validated params.yaml into one resolved subset per stage (written by the
+`validate` stage to `data/config/<stage>.json`). Every other stage reads only its file, and DVC hashes that
+file as a dependency, so a stage re-runs exactly when a value it reads changed, `dvc.lock` records that value,
+and a key a stage forgot to declare is an error naming it (never a silent built-in default).
+
+Derived values sit next to the params they come from: `methods` (the selection, in registry order) with the
+registry facts later stages need (`roles` and `holdouts` for fuse, `transductive` for evaluate, so they import
+no method code), `enabled` (AA-CLIP's training stages), and the feature branches the selected methods need
+(`backbones` of features.json holds only those).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+from anomaly_core.config import section
+from anomaly_core.errors import ConfigError
+from anomaly_core.methods import get_method, method_names, ordered
+
+BRANCHES = ("visual", "clip")
+
+FIXED: dict[str, tuple[str, ...]] = {
+    "demo_data": ("demo_seed", "data.demo"),
+    "prepare": ("seed", "shots", "task", "data"),
+    "features": ("task", "features"),
+    "train_text_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_text"),
+    "train_image_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_image"),
+    "fuse": ("task", "seed", "data.image_size", "fusion"),
+    "classify": ("task", "seed", "data.val_fraction", "classification", "backbones.clip"),
+    "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate"),
+}
+
+
+def subset(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The nested dict holding only `keys` (dotted) of `params`; a missing key is a ConfigError naming it."""
+    out: dict[str, Any] = {}
+    for dotted in keys:
+        value = copy.deepcopy(section(params, dotted))
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def selected_methods(params: dict[str, Any]) -> list[str]:
+    """`methods` in registry order; an empty list or an unknown name is a ConfigError naming the key."""
+    names = section(params, "methods")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"methods={names!r}: a non-empty list of method names (known: {', '.join(method_names())})")
+    try:
+        return ordered(names)
+    except ConfigError as exc:
+        raise ConfigError(f"methods: {exc}") from None
+
+
+def needed_branches(params: dict[str, Any], methods: list[str]) -> list[str]:
+    """Feature branches to extract: those the selected methods read (every configured one for classification)."""
+    configured = [b for b in BRANCHES if b in section(params, "backbones")]
+    if section(params, "task") == "classification":
+        return configured
+    want = {b for m in methods for b in get_method(m).branches(params)}
+    missing = sorted(want - set(configured))
+    if missing:
+        raise ConfigError(f"backbones.{missing[0]}: missing, but the selected methods read the {missing[0]} branch")
+    return [b for b in configured if b in want]
+
+
+def stage_name(kind: str, method: str) -> str:
+    """File stem of a per-method stage's config: `fit-knn`, `score-knn` (DVC calls the stages fit@knn, score@knn)."""
+    return f"{kind}-{method}"
+
+
+def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{stage file stem: the resolved params that stage reads}. See the module docstring."""
+    methods = selected_methods(params)
+    task = section(params, "task")
+    out = {name: subset(params, keys) for name, keys in FIXED.items()
+           if not name.startswith("train_")}
+    branches = needed_branches(params, methods)
+    out["features"]["backbones"] = {b: copy.deepcopy(section(params, f"backbones.{b}")) for b in branches}
+    for name in ("train_text_adapter", "train_image_adapter"):
+        enabled = task == "anomaly" and "aaclip" in methods
+        out[name] = {**subset(params, FIXED[name]), "enabled": True} if enabled else {"task": task, "enabled": False}
+    out["fuse"].update(methods=methods, roles={m: get_method(m).role for m in methods},
+                       holdouts={m: section(params, get_method(m).holdout) for m in methods if get_method(m).holdout})
+    out["evaluate"].update(methods=methods, transductive=[m for m in methods if get_method(m).transductive])
+    if "clip" not in branches:  # classification reads the CLIP text tower only when CLIP features exist
+        out["classify"].pop("backbones")
+    for m in methods:
+        method = get_method(m)
+        out[stage_name("fit", m)] = {"task": task, "method": m, **subset(params, method.reads("fit"))}
+        out[stage_name("score", m)] = {"task": task, "method": m, **subset(params, method.reads("score"))}
+    return out
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Build every typed config the selected pipeline will build, and report every error at once
+    (one ConfigError whose lines each name a dotted key)."""
+    from anomaly_core.adapters import ImageAdapterConfig, TextAdapterConfig
+    from anomaly_core.classification import ClassificationConfig
+    from anomaly_core.config import (BackboneConfig, DataConfig, EvaluateConfig, FeaturesConfig, build,
+                                     shots_value)
+    from anomaly_core.fusion import FusionConfig
+
+    errors: list[str] = []
+
+    def attempt(fn, *args) -> None:
+        try:
+            fn(*args)
+        except ConfigError as exc:
+            errors.append(str(exc))
+
+    def typed(cls, key: str, extra: dict | None = None) -> None:
+        attempt(lambda: build(cls, {**(section(params, key) or {}), **(extra or {})}, key))
+
+    methods: list[str] = []
+    try:
+        methods = selected_methods(params)
+    except ConfigError as exc:
+        errors.append(str(exc))
+    attempt(lambda: shots_value(section(params, "shots")))
+    seed = params.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        errors.append(f"seed={seed!r}: a non-negative integer")
+        seed = 0
+    task = params.get("task")
+    if task not in ("anomaly", "classification"):
+        errors.append(f"task={task!r}: must be one of ['anomaly', 'classification']")
+    for key, cls in (("data", DataConfig), ("features", FeaturesConfig), ("fusion", FusionConfig),
+                     ("classification", ClassificationConfig), ("evaluate", EvaluateConfig)):
+        typed(cls, key)
+    for branch in BRANCHES:
+        if branch in (params.get("backbones") or {}):
+            typed(BackboneConfig, f"backbones.{branch}")
+    for m in methods:
+        attempt(lambda: get_method(m).build_config({**params, "seed": seed}))
+    if "aaclip" in methods:
+        typed(TextAdapterConfig, "aaclip_text", {"seed": seed})
+        typed(ImageAdapterConfig, "aaclip_image", {"seed": seed})
+    attempt(lambda: needed_branches(params, methods))
+    if errors:
+        raise ConfigError(f"params.yaml: {len(errors)} error(s):\n  " + "\n  ".join(errors))
