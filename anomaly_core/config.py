@@ -154,9 +154,10 @@ def build_errors(cls: type[T], mapping: Any, section: str, strict: bool = False,
               for k in sorted(set(mapping) - names, key=str)]
     errors += [f"{section}.{k}: set from the top-level `{k}` param, remove it from the section"
                for k in sorted(set(mapping) & set(inject))]
+    missing = []
     if strict:
-        required = [f.name for f in dataclasses.fields(cls) if f.name not in inject]
-        errors += [f"{section}.{k}: missing key ({MISSING_HINT})" for k in required if k not in mapping]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in inject and f.name not in mapping]
+        errors += [f"{section}.{k}: missing key ({MISSING_HINT})" for k in missing]
     values = {}
     for k, v in {**mapping, **inject}.items():
         if k not in names:
@@ -165,19 +166,19 @@ def build_errors(cls: type[T], mapping: Any, section: str, strict: bool = False,
             values[k] = _check(v, hints[k], f"{section}.{k}", strict)
         except ConfigError as exc:
             errors += error_lines(exc)
-    if errors:
+    if len(errors) > len(missing):  # wrong keys or types: ranges cannot be checked
         return None, errors
-    try:
+    try:  # only missing keys: still check the ranges of the values that are there (built-in defaults fill in)
         obj = cls(**values)
     except TypeError as exc:
-        return None, [f"{section}: {exc}"]
+        return None, errors or [f"{section}: {exc}"]
     validate = getattr(obj, "validate", None)
     if validate:
         try:
             validate(section)
         except ConfigError as exc:
-            return None, error_lines(exc)
-    return obj, []
+            errors += [e for e in error_lines(exc) if not any(e.startswith(f"{section}.{k}=") for k in missing)]
+    return (None, errors) if errors else (obj, [])
 
 
 def build(cls: type[T], mapping: dict[str, Any] | None, section: str, *, strict: bool = False,
