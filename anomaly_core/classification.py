@@ -27,6 +27,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from anomaly_core.calibration import fit_temperature, softmax_t
+from anomaly_core.config import Checks
 from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.fusion import TIE_RULE, best_on_grid, with_endpoints
 from anomaly_core.metrics import classification_metrics
@@ -80,15 +81,11 @@ class ClassificationConfig:
     stacker_C: float = 1.0
 
     def validate(self, section: str) -> None:
-        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
-            raise ConfigError(f"{section}.alphas={self.alphas}: a non-empty list of values in [0, 1]")
-        if not 0.0 <= self.stacker_holdout < 0.9:
-            raise ConfigError(f"{section}.stacker_holdout={self.stacker_holdout}: must be in [0, 0.9)")
-        for key in ("C", "max_iter", "prototype_temperature", "zero_shot_scale", "stacker_C"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{section}.{key}={getattr(self, key)}: must be > 0")
-        if self.stacker_folds < 2:
-            raise ConfigError(f"{section}.stacker_folds={self.stacker_folds}: must be >= 2")
+        Checks(section).alphas("alphas", self.alphas) \
+            .that(0.0 <= self.stacker_holdout < 0.9, "stacker_holdout", self.stacker_holdout, "must be in [0, 0.9)") \
+            .positive(C=self.C, max_iter=self.max_iter, prototype_temperature=self.prototype_temperature,
+                      zero_shot_scale=self.zero_shot_scale, stacker_C=self.stacker_C) \
+            .that(self.stacker_folds >= 2, "stacker_folds", self.stacker_folds, "must be >= 2").done()
 
 
 @dataclass

@@ -9,7 +9,7 @@ from PIL import Image
 
 from anomaly_core.data.images import image_size, load_mask
 from anomaly_core.data.manifest import Row
-from anomaly_core.errors import DataError
+from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.metrics import image_metrics, pixel_metrics, roc_pr_curves
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
@@ -36,9 +36,27 @@ def align(rows: Sequence[Row], ids: Sequence[str], image: torch.Tensor, maps: to
     return image[order].numpy(), maps[order].numpy()
 
 
+def evaluable(labels: np.ndarray, masks: np.ndarray, category: str = "", split: str = "test") -> None:
+    """DataError naming the category and the missing class when its metrics cannot be computed.
+
+    `prepare` refuses (or skips, `data.on_one_class`) such categories; this guards callers that bypass it.
+    labels int [N]; masks bool [N, H, W].
+    """
+    labels = np.asarray(labels)
+    missing = [what for what, ok in (("good (normal) images", (labels == 0).any()),
+                                     ("defect images", (labels == 1).any()),
+                                     ("defect pixel in any mask", np.asarray(masks).any())) if not ok]
+    if missing:
+        raise DataError(f"category {category!r}: the {split} split has no {missing[0]}; metrics need both classes "
+                        f"(prepare refuses this with data.on_one_class=error, drops it with skip; re-run prepare)")
+
+
 def category_metrics(labels: np.ndarray, masks: np.ndarray, image: np.ndarray, maps: np.ndarray,
-                     max_fpr: float = 0.3) -> dict[str, float]:
-    """All six anomaly metrics for one category."""
+                     max_fpr: float = 0.3, category: str = "", split: str = "test") -> dict[str, float]:
+    """All six anomaly metrics for one category (DataError naming it when a class is missing)."""
+    if not 0.0 < max_fpr <= 1.0:
+        raise ConfigError(f"evaluate.max_fpr={max_fpr}: must be in (0, 1]")
+    evaluable(labels, masks, category, split)
     return {**image_metrics(labels, image), **pixel_metrics(masks, maps, max_fpr=max_fpr)}
 
 
@@ -62,12 +80,16 @@ def standardise(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return (scores - ref.mean()) / max(float(ref.std()), 1e-12)
 
 
-def protocol_note(val_fraction: float, untrained: Sequence[str]) -> dict:
-    """The `_protocol` entry every metrics file carries."""
-    return {
+def protocol_note(val_fraction: float, untrained: Sequence[str], input_warnings: Sequence[str] = ()) -> dict:
+    """The `_protocol` entry every metrics file carries (`input_warnings`: prepare's data/prepared/warnings.json,
+    e.g. empty defect masks and categories skipped by data.on_one_class=skip)."""
+    note = {
         "reported_split": "test",
         "val_carved_from_test_fraction": val_fraction,
         "note": "every choice (epochs, checkpoints, alpha, temperatures) is made on the validation split carved "
                 "from the labelled test images; metrics are on the remaining test images only",
         "untrained_backbones": ", ".join(untrained) if untrained else "none",
     }
+    if input_warnings:
+        note["input_warnings"] = list(input_warnings)
+    return note

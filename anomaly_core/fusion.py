@@ -25,6 +25,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from anomaly_core.config import Checks
 from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.metrics import aupro, image_metrics, pixel_metrics
 
@@ -67,10 +68,8 @@ class FusionConfig:
     max_pixels: int | None = None
 
     def validate(self, section: str) -> None:
-        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
-            raise ConfigError(f"{section}.alphas={self.alphas}: a non-empty list of values in [0, 1]")
-        if not 0.0 < self.max_fpr <= 1.0:
-            raise ConfigError(f"{section}.max_fpr={self.max_fpr}: must be in (0, 1]")
+        Checks(section).alphas("alphas", self.alphas).open_unit(max_fpr=self.max_fpr) \
+            .that(self.max_pixels is None or self.max_pixels > 0, "max_pixels", self.max_pixels, "null or > 0").done()
 
 
 def val_truth(rows, size: int) -> Truth:

@@ -97,50 +97,18 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_params(params: dict[str, Any]) -> None:
-    """Build every typed config the selected pipeline will build, and report every error at once
-    (one ConfigError whose lines each name a dotted key)."""
-    from anomaly_core.adapters import ImageAdapterConfig, TextAdapterConfig
-    from anomaly_core.classification import ClassificationConfig
-    from anomaly_core.config import (BackboneConfig, DataConfig, EvaluateConfig, FeaturesConfig, build,
-                                     shots_value)
-    from anomaly_core.fusion import FusionConfig
+def check_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate the whole params file (every error at once: `ConfigErrors`), check the backbones the selected
+    methods need without building them, and return the per-stage configs."""
+    from anomaly_core.backbones import check_backbone
+    from anomaly_core.config import BackboneConfig, ConfigErrors, build
+    from anomaly_core.validation import default_schema, validate_params
 
-    errors: list[str] = []
-
-    def attempt(fn, *args) -> None:
-        try:
-            fn(*args)
-        except ConfigError as exc:
-            errors.append(str(exc))
-
-    def typed(cls, key: str, extra: dict | None = None) -> None:
-        attempt(lambda: build(cls, {**(section(params, key) or {}), **(extra or {})}, key))
-
-    methods: list[str] = []
-    try:
-        methods = selected_methods(params)
-    except ConfigError as exc:
-        errors.append(str(exc))
-    attempt(lambda: shots_value(section(params, "shots")))
-    seed = params.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        errors.append(f"seed={seed!r}: a non-negative integer")
-        seed = 0
-    task = params.get("task")
-    if task not in ("anomaly", "classification"):
-        errors.append(f"task={task!r}: must be one of ['anomaly', 'classification']")
-    for key, cls in (("data", DataConfig), ("features", FeaturesConfig), ("fusion", FusionConfig),
-                     ("classification", ClassificationConfig), ("evaluate", EvaluateConfig)):
-        typed(cls, key)
-    for branch in BRANCHES:
-        if branch in (params.get("backbones") or {}):
-            typed(BackboneConfig, f"backbones.{branch}")
-    for m in methods:
-        attempt(lambda: get_method(m).build_config({**params, "seed": seed}))
-    if "aaclip" in methods:
-        typed(TextAdapterConfig, "aaclip_text", {"seed": seed})
-        typed(ImageAdapterConfig, "aaclip_image", {"seed": seed})
-    attempt(lambda: needed_branches(params, methods))
+    errors = validate_params(params, default_schema(method_names()))
     if errors:
-        raise ConfigError(f"params.yaml: {len(errors)} error(s):\n  " + "\n  ".join(errors))
+        raise ConfigErrors(errors)
+    configs = stage_configs(params)
+    for branch, raw in configs["features"]["backbones"].items():
+        cfg = build(BackboneConfig, raw, f"backbones.{branch}", strict=True)
+        check_backbone(f"backbones.{branch}", cfg.name, cfg.pretrained, cfg.levels, cfg.image_size)
+    return configs

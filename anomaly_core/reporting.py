@@ -62,7 +62,7 @@ def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_h
         for c in cats:
             labels = np.array([r.label for r in test_rows[c]])
             image, maps = ev.align(test_rows[c], *test[c])
-            per_cat[c] = ev.category_metrics(labels, masks[c], image, maps, max_fpr)
+            per_cat[c] = ev.category_metrics(labels, masks[c], image, maps, max_fpr, category=c)
             pooled_labels.append(labels)
             pooled_scores.append(ev.standardise(image, val[c][1].numpy()))
             heatmaps(reports / "heatmaps" / f"{method}_{c}.png", test_rows[c], image, maps, masks[c], size,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import random
 import sys
@@ -65,16 +66,41 @@ def progress() -> bool:
     return os.environ.get("ANOMALY_CORE_PROGRESS", "1") != "0"
 
 
+def error_lines(stage: str, exc: BaseException) -> list[str]:
+    """`error: <stage>: <message>` lines for an exception (one per line of a multi-problem message).
+
+    The library's named errors carry the file or key in their message; anything else gets its type name
+    and, when it has one, the file it concerns (OSError.filename)."""
+    named = isinstance(exc, (ConfigError, DataError, WeightsError))
+    text = str(exc).strip() or type(exc).__name__
+    if not named:
+        where = getattr(exc, "filename", None)
+        text = f"{type(exc).__name__}: {text}" + (f" ({where})" if where and str(where) not in text else "")
+    return [f"error: {stage}: {line}" for line in text.splitlines() if line.strip()]
+
+
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn the library's named errors into one line on stderr and exit code 2 (no traceback)."""
+    """Any exception escaping the stage -> `error: <stage>: <message>` line(s) on stderr and exit code 2
+    (1 for an unexpected exception). The traceback is printed only with ANOMALY_CORE_DEBUG=1."""
+    stage = Path(inspect.getfile(fn)).stem  # stages/prepare.py -> prepare
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, WeightsError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point: no traceback for users, one line instead
+            if os.environ.get("ANOMALY_CORE_DEBUG") == "1":
+                import traceback
+
+                traceback.print_exc()
+            for line in error_lines(stage, exc):
+                print(line, file=sys.stderr)
+            named = isinstance(exc, (ConfigError, DataError, WeightsError))
+            if not named and os.environ.get("ANOMALY_CORE_DEBUG") != "1":
+                print(f"error: {stage}: (set ANOMALY_CORE_DEBUG=1 for the traceback)", file=sys.stderr)
+            raise SystemExit(2 if named else 1) from None
 
     return wrapper
 

@@ -1,16 +1,24 @@
-"""DVC stage `prepare`: read the dataset, validate it, carve validation from test, select the k shots.
+"""DVC stage `prepare`: check every input file, carve validation from test, select the shots.
+
+Runs after `validate` (params and backbones checked). Before anything is written: every image is decoded fully
+and every mask read (in threads), and categories whose test / val split lacks a class are refused or skipped
+(`data.on_one_class`).
 
 Writes `images.csv` (every image with its source split; what `features` depends on, so that changing
-`shots`, `seed` or `data.val_fraction` never re-extracts features) and `manifest.csv` (final splits + shots).
+`shots`, `seed` or `data.val_fraction` never re-extracts features), `manifest.csv` (final splits + shots)
+and `warnings.json` (the input warnings, for the metrics' `_protocol`).
 """
+import time
 from pathlib import Path
 
 import typer
 
 from anomaly_core.config import DataConfig, build, shots_value
+from anomaly_core.data import checks
 from anomaly_core.data import manifest as mf
 from anomaly_core.data import readers
 from anomaly_core.errors import ConfigError
+from anomaly_core.io import write_json
 from stages.common import friendly_errors, get, load_config
 
 app = typer.Typer(add_completion=False)
@@ -32,17 +40,29 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
          config: Path = typer.Option(Path("data/config/prepare.json")),
          out: Path = typer.Option(Path("data/prepared"))) -> None:
     params = load_config(config)
-    cfg = build(DataConfig, get(params, "data"), "data")
+    cfg = build(DataConfig, get(params, "data"), "data", strict=True)
     shots, seed, task = shots_value(get(params, "shots")), int(get(params, "seed")), get(params, "task")
     rows = read_rows(cfg, demo_root)
-    readers.validate_rows(rows)
+    start = time.perf_counter()
+    warnings, results = checks.check_files(rows)
+    typer.echo(f"inputs: {len(rows)} images decoded and masks checked in {time.perf_counter() - start:.2f}s "
+               f"({checks.default_workers()} threads)")
+    anomaly = task == "anomaly" and cfg.format != "imagefolder"
+    if anomaly:
+        carved = mf.carve_val(rows, cfg.val_fraction, seed)
+        pixels = {r.id: c.mask_pixels for r, c in zip(rows, results)}
+        kept, skipped = checks.apply_on_one_class(carved, checks.class_problems(carved, pixels), cfg.on_one_class)
+        warnings += skipped
+        keep = set(mf.categories(kept))
+        rows = [r for r in rows if r.category in keep]
+    for w in warnings:
+        typer.echo(f"warning: prepare: {w}", err=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "warnings.json", warnings)
     mf.write_manifest(rows, out / "images.csv")
     classes = mf.classification_rows(rows, cfg.val_fraction, cfg.val_fraction, shots, seed)
     mf.write_manifest(classes, out / "classification.csv")
-    if task == "classification" or cfg.format == "imagefolder":
-        final = classes  # no anomaly task on an image folder
-    else:
-        final = mf.select_shots(mf.carve_val(rows, cfg.val_fraction, seed), shots, seed)
+    final = mf.select_shots(kept, shots, seed) if anomaly else classes  # no anomaly task on an image folder
     mf.write_manifest(final, out / "manifest.csv")
     counts = {s: sum(r.split == s for r in final) for s in ("train", "val", "test")}
     typer.echo(f"manifest: {len(final)} images in {len(mf.categories(final))} categories, {counts}, "

@@ -1,5 +1,8 @@
 """DVC stage `validate`: check params.yaml once, before any work, and write the params each stage reads.
 
+Every params error is listed at once (missing keys, types, ranges, cross-key rules, unknown method names); the
+backbones the selected methods need are resolved (names, configs, weight files) without being built.
+
 Writes `data/config/<stage>.json` (see `anomaly_core/pipeline.py`); every other stage reads only its own file.
 """
 from pathlib import Path
@@ -7,7 +10,7 @@ from pathlib import Path
 import typer
 
 from anomaly_core.io import write_json
-from anomaly_core.pipeline import check_params, stage_configs
+from anomaly_core.pipeline import check_params
 from stages.common import friendly_errors, load_params
 
 app = typer.Typer(add_completion=False)
@@ -18,8 +21,7 @@ app = typer.Typer(add_completion=False)
 def main(params_file: Path = typer.Option(Path("params.yaml"), "--params"),
          out: Path = typer.Option(Path("data/config"))) -> None:
     params = load_params(params_file)
-    check_params(params)
-    configs = stage_configs(params)
+    configs = check_params(params)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.json"):
         if stale.stem not in configs:

@@ -338,7 +338,7 @@ def test_missing_dataset_root_fails_readably(dataset_repo: Repo, tmp_path: Path)
     rc, out = repo.run_rc(str(DVC), "repro", timeout=REPRO_TIMEOUT)
     assert rc != 0
     assert "failed to reproduce 'prepare'" in out, out[-3000:]
-    assert f"error: data.root={missing}: directory not found" in out, out[-3000:]
+    assert f"error: prepare: data.root={missing}: directory not found" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     report = _failure_text(["dvc", "repro"], out, rc)  # what a failing e2e test would print
     assert report.count("Running stage 'prepare'") == 1 and "directory not found" in report, report

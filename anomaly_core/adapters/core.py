@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaly_core.adapters.modules import ImageAdapters, TextAdapters
+from anomaly_core.config import Checks
 from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.losses import orthogonal_loss, seg_loss
 from anomaly_core.prompts import build_prompts
@@ -29,18 +30,6 @@ the loss almost flat around log 2); with 100 the det-token softmax is the same o
 
 
 # ------------------------------------------------------------------------------------------ configs
-def _positive(section: str, **values: float) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"{section}.{key}={value}: must be > 0")
-
-
-def _unit(section: str, **values: float) -> None:
-    for key, value in values.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{section}.{key}={value}: must be in [0, 1]")
-
-
 @dataclass
 class TextAdapterConfig:
     """Stage 1 (text adapters). `adapt_until` is checked against the text depth when adapters are built."""
@@ -53,10 +42,9 @@ class TextAdapterConfig:
     seed: int = 0
 
     def validate(self, section: str = "aaclip_text") -> None:
-        _positive(section, batch_size=self.batch_size, lr=self.lr)
-        if self.epochs < 0 or self.adapt_until < 0 or self.text_norm_weight < 0:
-            raise ConfigError(f"{section}: epochs, adapt_until and text_norm_weight must be >= 0")
-        _unit(section, adapt_weight=self.adapt_weight)
+        Checks(section).positive(batch_size=self.batch_size, lr=self.lr) \
+            .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, text_norm_weight=self.text_norm_weight) \
+            .unit(adapt_weight=self.adapt_weight).done()
 
 
 @dataclass
@@ -80,13 +68,12 @@ class ImageAdapterConfig:
     augment: bool = True
 
     def validate(self, section: str = "aaclip_image") -> None:
-        _positive(section, batch_size=self.batch_size, accum_steps=self.accum_steps, lr=self.lr,
-                  gamma=self.gamma, image_size=self.image_size, ksize=self.ksize)
-        if self.epochs < 0 or self.adapt_until < 0 or self.sigma < 0:
-            raise ConfigError(f"{section}: epochs, adapt_until and sigma must be >= 0")
-        if self.ksize % 2 == 0:
-            raise ConfigError(f"{section}.ksize={self.ksize}: must be odd")
-        _unit(section, adapt_weight=self.adapt_weight, image_weight=self.image_weight)
+        Checks(section).positive(batch_size=self.batch_size, accum_steps=self.accum_steps, lr=self.lr,
+                                 gamma=self.gamma, image_size=self.image_size, ksize=self.ksize) \
+            .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, sigma=self.sigma) \
+            .that(self.ksize % 2 == 1, "ksize", self.ksize, "must be odd") \
+            .that(all(m > 0 for m in self.milestones), "milestones", self.milestones, "optimizer steps > 0") \
+            .unit(adapt_weight=self.adapt_weight, image_weight=self.image_weight).done()
 
 
 def check_image_size(cfg: ImageAdapterConfig, backbone) -> None:

@@ -12,24 +12,56 @@ import torch
 
 from anomaly_core.backbones.clip import TINY_CLIP, ClipBackbone, is_open_clip_name
 from anomaly_core.backbones.timm_backbone import TimmBackbone
+from anomaly_core.backbones.weights import check_weights
 from anomaly_core.errors import ConfigError
 
-__all__ = ["create_backbone", "ClipBackbone", "TimmBackbone", "TINY_CLIP", "preprocess"]
+__all__ = ["create_backbone", "check_backbone", "resolve_name", "ClipBackbone", "TimmBackbone", "TINY_CLIP", "preprocess"]
+
+
+def resolve_name(name: str, key: str = "backbone") -> tuple[str, str]:
+    """`name` -> ("open_clip" | "timm", model name); ConfigError naming `key` when neither library knows it."""
+    if name.startswith("open_clip:"):
+        return "open_clip", name.split(":", 1)[1]
+    if name.startswith("timm:"):
+        return "timm", name.split(":", 1)[1]
+    if is_open_clip_name(name):
+        return "open_clip", name
+    import timm
+
+    if not timm.list_models(name):
+        raise ConfigError(f"{key}={name!r}: unknown backbone, not an open_clip model config nor a timm model name "
+                          f"(e.g. {TINY_CLIP}, ViT-L-14-336, efficientnet_lite0)")
+    return "timm", name
 
 
 def create_backbone(name: str, pretrained: str | None, levels: Sequence[int], image_size: int | None = None):
     """Build a frozen backbone in eval mode. See the module docstring for how `name` is resolved."""
-    if name.startswith("open_clip:"):
-        return ClipBackbone(name.split(":", 1)[1], pretrained, levels, image_size)
-    if name.startswith("timm:"):
-        return TimmBackbone(name.split(":", 1)[1], pretrained, levels, image_size or 224)
-    if is_open_clip_name(name):
-        return ClipBackbone(name, pretrained, levels, image_size)
-    import timm
+    family, model = resolve_name(name)
+    if family == "open_clip":
+        return ClipBackbone(model, pretrained, levels, image_size)
+    return TimmBackbone(model, pretrained, levels, image_size or 224)
 
-    if not timm.list_models(name):
-        raise ConfigError(f"unknown backbone '{name}': not an open_clip model nor a timm model name")
-    return TimmBackbone(name, pretrained, levels, image_size or 224)
+
+def check_backbone(key: str, name: str, pretrained: str | None, levels: Sequence[int], image_size: int) -> None:
+    """Everything about a backbone that can be checked without building it (`key` = `backbones.clip`).
+
+    The name exists (open_clip config or timm model), the weights spec resolves offline (file / package / cache),
+    and for open_clip ViTs the levels and image size fit the config's depth and input size.
+    Raises ConfigError / WeightsError in one line naming the dotted key and what to set.
+    """
+    family, model = resolve_name(name, f"{key}.name")
+    if family == "open_clip":
+        import open_clip
+
+        vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
+        depth, native = vision.get("layers"), vision.get("image_size")
+        if isinstance(depth, int):
+            bad = [v for v in levels if not 1 <= int(v) <= depth]
+            if bad:
+                raise ConfigError(f"{key}.levels={list(levels)}: {model} has {depth} vision layers (use 1..{depth})")
+        if isinstance(native, int) and image_size != native:
+            raise ConfigError(f"{key}.image_size={image_size}: {model} takes {native} px inputs (set it to {native})")
+    check_weights(family, model, pretrained, f"{key}.pretrained")
 
 
 def preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

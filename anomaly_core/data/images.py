@@ -16,7 +16,7 @@ from PIL import Image
 
 from anomaly_core.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image", "load_mask", "image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image", "load_mask", "image_size", "decode_size"]
 
 # Lower-case suffixes recognised as images by the dataset readers.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -112,6 +112,23 @@ def load_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None) -> n
         eh, ew = expected_hw
         raise DataError(f"mask {path} has size {h}x{w} (HxW) but its image has size {eh}x{ew}")
     return mask
+
+
+def decode_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image after decoding every pixel (PIL `load()`): a truncated file fails here.
+
+    Raises:
+        DataError: ``"cannot read image {path}: ..."``.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            w, h = im.size
+    except FileNotFoundError:
+        raise DataError(f"cannot read image {path}: file does not exist") from None
+    except _PIL_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    return int(h), int(w)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly_core.config import positive
+from anomaly_core.config import Checks
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import ConfigError, WeightsError
 from anomaly_core.io import load_checkpoint, save_checkpoint
@@ -72,12 +72,10 @@ class CoopConfig:
     min_coverage: float = 0.5      # a grid cell is abnormal when >= this share of it is masked
 
     def validate(self, section: str) -> None:
-        positive(section, n_ctx=self.n_ctx, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                 patience=self.patience, temperature=self.temperature, min_coverage=self.min_coverage)
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ConfigError(f"{section}.holdout_fraction={self.holdout_fraction}: must be in [0, 1)")
-        if not 0.0 <= self.image_weight <= 1.0:
-            raise ConfigError(f"{section}.image_weight={self.image_weight}: must be in [0, 1]")
+        Checks(section).positive(n_ctx=self.n_ctx, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                                 patience=self.patience, temperature=self.temperature) \
+            .open_unit(min_coverage=self.min_coverage).fraction(holdout_fraction=self.holdout_fraction) \
+            .unit(image_weight=self.image_weight).non_negative(sigma=self.sigma, min_delta=self.min_delta).done()
 
 
 def state_phrases(category: str) -> tuple[list[str], list[str]]:

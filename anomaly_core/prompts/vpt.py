@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly_core.config import positive
+from anomaly_core.config import Checks
 from anomaly_core.data.manifest import Row, categories, stable_rng
 from anomaly_core.errors import ConfigError, WeightsError
 from anomaly_core.io import load_checkpoint, save_checkpoint
@@ -71,12 +71,11 @@ class VptConfig:
     holdout_fraction: float = 0.25  # share of the val anomalies held out for checkpoint selection
 
     def validate(self, section: str) -> None:
-        positive(section, num_prompts=self.num_prompts, num_defect_samples=self.num_defect_samples,
-                 epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, k_neighbors=self.k_neighbors)
-        if self.batch_size < 2:
-            raise ConfigError(f"{section}.batch_size={self.batch_size}: needs >= 2 normal images per step")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ConfigError(f"{section}.holdout_fraction={self.holdout_fraction}: must be in [0, 1)")
+        Checks(section).positive(num_prompts=self.num_prompts, num_defect_samples=self.num_defect_samples,
+                                 epochs=self.epochs, lr=self.lr, k_neighbors=self.k_neighbors,
+                                 prompt_scale=self.prompt_scale, min_lr=self.min_lr) \
+            .that(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 normal images per step") \
+            .non_negative(margin=self.margin).fraction(holdout_fraction=self.holdout_fraction).done()
 
 
 # ---------------------------------------------------------------------------- model

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from anomaly_core.config import Checks
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import DataError, WeightsError
 from anomaly_core.io import load_checkpoint, save_checkpoint
@@ -33,6 +34,9 @@ KIND = "image_prototypes"
 class ImageProtoConfig:
     sigma: float = 4.0          # Gaussian smoothing of the patch maps (pixels)
     temperature: float = 0.01   # softmax temperature of `classify`
+
+    def validate(self, section: str) -> None:
+        Checks(section).non_negative(sigma=self.sigma).positive(temperature=self.temperature).done()
 
 
 def centroid(emb: torch.Tensor) -> torch.Tensor:

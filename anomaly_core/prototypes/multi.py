@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly_core.config import positive
+from anomaly_core.config import Checks
 from anomaly_core.data.holdout import HoldoutSplit, split_holdout, val_anomalies
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import ConfigError, WeightsError
@@ -69,10 +69,11 @@ class MultiProtoConfig:
     image_weight: float = 0.5      # image score = w * p(abnormal | global) + (1 - w) * max(map)
 
     def validate(self, section: str) -> None:
-        positive(section, n_pro=self.n_pro, n_pro_ab=self.n_pro_ab, epochs=self.epochs, lr=self.lr,
-                 temperature=self.temperature, batch_size=self.batch_size, min_coverage=self.min_coverage)
-        if not 0.0 <= self.image_weight <= 1.0:
-            raise ConfigError(f"{section}.image_weight={self.image_weight}: must be in [0, 1]")
+        Checks(section).positive(n_pro=self.n_pro, n_pro_ab=self.n_pro_ab, epochs=self.epochs, lr=self.lr,
+                                 temperature=self.temperature, batch_size=self.batch_size) \
+            .open_unit(min_coverage=self.min_coverage).unit(image_weight=self.image_weight) \
+            .fraction(holdout_fraction=self.holdout_fraction).non_negative(init_noise=self.init_noise, sigma=self.sigma) \
+            .done()
 
 
 # ---------------------------------------------------------------------------- initialisation
