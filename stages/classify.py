@@ -9,13 +9,14 @@ import numpy as np
 import torch
 import typer
 
+from anomaly_core.backbones import backbone_from_config
 from anomaly_core.classification import ClassificationConfig, class_prompts, class_splits, run_classification
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.evaluation import protocol_note, rounded
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore
-from stages.common import clip_backbone, friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config
 
 app = typer.Typer(add_completion=False)
 
@@ -33,7 +34,7 @@ def main(classes: Path = typer.Option(Path("data/prepared/classification.csv")),
     names, splits = class_splits(store, rows)
     text = None
     if store.has("clip"):
-        _, clip = clip_backbone(params)
+        _, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip")
         with torch.no_grad():
             text = clip.text_anchors([class_prompts(n.replace("/", " ")) for n in names]).numpy()
     report, details = run_classification(splits["train"], splits["val"], splits["test"], len(names), cfg, text, seed)

@@ -105,22 +105,6 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def aux_rows(params: dict[str, Any]) -> list:
-    """Rows of the second dataset named by `aaclip.train_data` (cross-dataset protocol), or [] when unset."""
-    from anomaly_core.config import DataConfig, build
-    from anomaly_core.data import readers
-
-    raw = dict(get(params, "aaclip.train_data"))
-    if not raw.get("format"):
-        return []
-    cfg = build(DataConfig, raw, "aaclip.train_data")
-    if not Path(cfg.root).is_dir():
-        raise ConfigError(f"aaclip.train_data.root={cfg.root}: directory not found")
-    rows = readers.READERS[cfg.format](Path(cfg.root), cfg.categories)
-    readers.validate_rows(rows)
-    return rows
-
-
 def skip_outputs(reason: str, files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> None:
     """A stage with nothing to do (a method not selected, task=classification) leaves empty, clearly marked
     outputs, so DVC's declared outputs exist."""
@@ -143,12 +127,3 @@ def skip_unless_anomaly(params: dict[str, Any], files: tuple[Path, ...] = (), di
         return False
     skip_outputs("task=classification: anomaly stages do not run", files, dirs)
     return True
-
-
-def clip_backbone(params: dict[str, Any], on: torch.device | None = None):  # noqa: D401
-    """(BackboneConfig, frozen ClipBackbone) from `backbones.clip`."""
-    from anomaly_core.backbones import create_backbone
-    from anomaly_core.config import BackboneConfig, build
-
-    cfg = build(BackboneConfig, get(params, "backbones.clip"), "backbones.clip")
-    return cfg, create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(on or torch.device("cpu"))

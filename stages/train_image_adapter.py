@@ -4,11 +4,12 @@ from pathlib import Path
 import typer
 
 from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
-from anomaly_core.adapters.data import image_set, training_rows
+from anomaly_core.adapters.data import second_dataset_rows, image_set, training_rows
+from anomaly_core.backbones import backbone_from_config
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
-from stages.common import clip_backbone, skip_outputs, aux_rows, device, friendly_errors, get, load_config, progress, seed_everything
+from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -27,11 +28,11 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))
-    ccfg, clip = clip_backbone(params, device())
+    ccfg, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip", device())
     _, anchors = load_text_adapters(text_adapters, clip, ccfg.name)
     rows = mf.read_manifest(manifest)
     train, select = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))
-    extra = aux_rows(params)
+    extra = second_dataset_rows(get(params, "aaclip.train_data"))
     if extra:  # cross-dataset protocol: every image of the second dataset trains; the target's val selects
         train, select = extra, [r for r in rows if r.split == "val"]
     val = image_set(select, clip.image_size, size) if select else None

@@ -5,12 +5,13 @@ import torch
 import typer
 
 from anomaly_core.adapters import TextAdapterConfig, class_anchors, save_text_adapters, train_text_adapters
-from anomaly_core.adapters.data import text_stage_data, training_rows
+from anomaly_core.adapters.data import second_dataset_rows, text_stage_data, training_rows
+from anomaly_core.backbones import backbone_from_config
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore
-from stages.common import clip_backbone, skip_outputs, aux_rows, device, friendly_errors, get, load_config, progress, seed_everything
+from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
 
@@ -29,9 +30,9 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))
-    ccfg, clip = clip_backbone(params, device())
+    ccfg, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip", device())
     rows = mf.read_manifest(manifest)
-    extra = aux_rows(params)
+    extra = second_dataset_rows(get(params, "aaclip.train_data"))
     if extra:  # cross-dataset protocol: train on every image of the second dataset
         data = text_stage_data(extra, size, backbone=clip, progress=progress())
     else:

@@ -57,3 +57,22 @@ def text_stage_data(rows: Sequence[Row], mask_size: int, store: FeatureStore | N
         out.append({"levels": level_list(feats), "global": feats["global"],
                     "masks": torch.from_numpy(masks_for(part, mask_size)).float(), "class_name": cat})
     return out
+
+
+def second_dataset_rows(raw: dict) -> list[Row]:
+    """Rows of the second dataset named by `aaclip.train_data` (cross-dataset protocol), or [] when its format is
+    empty."""
+    from pathlib import Path
+
+    from anomaly_core.config import TrainDataConfig, build
+    from anomaly_core.data import readers
+    from anomaly_core.errors import ConfigError
+
+    cfg = build(TrainDataConfig, raw, "aaclip.train_data")
+    if not cfg.format:
+        return []
+    if not Path(cfg.root).is_dir():
+        raise ConfigError(f"aaclip.train_data.root={cfg.root}: directory not found")
+    rows = readers.READERS[cfg.format](Path(cfg.root), cfg.categories)
+    readers.validate_rows(rows)
+    return rows

@@ -15,7 +15,7 @@ from anomaly_core.backbones.timm_backbone import TimmBackbone
 from anomaly_core.backbones.weights import check_weights
 from anomaly_core.errors import ConfigError
 
-__all__ = ["create_backbone", "check_backbone", "resolve_name", "ClipBackbone", "TimmBackbone", "TINY_CLIP", "preprocess"]
+__all__ = ["create_backbone", "backbone_from_config", "check_backbone", "resolve_name", "ClipBackbone", "TimmBackbone", "TINY_CLIP", "preprocess"]
 
 
 def resolve_name(name: str, key: str = "backbone") -> tuple[str, str]:
@@ -72,3 +72,11 @@ def preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequ
     if x.shape[-2:] != (size, size):
         x = kornia.geometry.transform.resize(x, (size, size), interpolation="bilinear", antialias=True)
     return kornia.enhance.normalize(x, torch.tensor(mean), torch.tensor(std))
+
+
+def backbone_from_config(raw: dict, key: str, device: torch.device | None = None):
+    """(BackboneConfig, frozen backbone on `device`) from a params section such as `backbones.clip` (`key`)."""
+    from anomaly_core.config import BackboneConfig, build
+
+    cfg = build(BackboneConfig, raw, key)
+    return cfg, create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(device or torch.device("cpu"))

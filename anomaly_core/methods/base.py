@@ -48,11 +48,9 @@ class Context:
     def clip(self):
         """The frozen CLIP backbone of `backbones.clip` (built once)."""
         if self._clip is None:
-            from anomaly_core.backbones import create_backbone
-            from anomaly_core.config import BackboneConfig
+            from anomaly_core.backbones import backbone_from_config
 
-            cfg = build(BackboneConfig, self.get("backbones.clip"), "backbones.clip")
-            self._clip = create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(self.device)
+            self._clip = backbone_from_config(self.get("backbones.clip"), "backbones.clip", self.device)[1]
         return self._clip
 
     def arch(self, branch: Branch) -> str:
