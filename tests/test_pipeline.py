@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
+from anomaly_core.methods import method_names
 from conftest import MVTEC_CATEGORIES, VISA_OBJECTS, make_mvtec_tree, make_visa_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +46,10 @@ pytestmark = [
     pytest.mark.skipif(not DVC.is_file(), reason=f"dvc not installed next to {sys.executable}"),
 ]
 
-STAGES = ["demo_data", "prepare", "features", "train_text_adapter", "train_image_adapter", "fit_prototypes",
-          "train_prompts", "score", "fuse", "evaluate"]
-METHODS = ["knn", "zero_shot_clip", "aaclip", "multi_prototype", "prompt_clip", "vpt_knn", "fusion"]
+METHODS = method_names()  # the registry: every method runs on the demo by default
+STAGES = (["validate", "demo_data", "prepare", "features", "train_text_adapter", "train_image_adapter"]
+          + [f"{kind}@{m}" for kind in ("fit", "score") for m in METHODS] + ["fuse", "classify", "evaluate"])
+DATASET_METHODS = ["aaclip", "zero_shot_clip", "knn", "musc"]  # the dataset trees test the readers; fewer methods
 ANOMALY_METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro", "pixel_ap"]
 CLASS_METRICS = ["top1", "top5", "balanced_acc", "macro_f1"]
 DEMO_CATEGORIES = ["brick", "washer"]
@@ -201,7 +203,7 @@ def make_repo(root: Path, overrides: dict[str, Any]) -> Repo:
     return repo
 
 
-def check_anomaly_metrics(repo: Repo, categories: list[str], methods: list[str] = METHODS) -> dict:
+def check_anomaly_metrics(repo: Repo, categories: list[str], methods: list[str] = METHODS + ["fusion"]) -> dict:
     summary = repo.json("metrics/summary.json")
     assert "_protocol" in summary and summary["_protocol"]["reported_split"] == "test"
     for method in methods:
@@ -237,6 +239,9 @@ def test_demo_repro_outputs(demo_repo: Repo):
 
     summary = check_anomaly_metrics(repo, DEMO_CATEGORIES)
     assert summary["_protocol"]["untrained_backbones"] == "clip"  # the shipped tiny CLIP is random
+    assert list(summary)[:-2] == METHODS and list(summary)[-2:] == ["fusion", "_protocol"]  # registry order
+    assert summary["_protocol"]["transductive"] == ["musc"]  # MuSc reads the other test images
+    assert "musc" in repo.json("metrics/per_category.json")
 
     classification = repo.json("metrics/classification.json")
     assert "_protocol" in classification
@@ -255,7 +260,7 @@ def test_demo_repro_outputs(demo_repo: Repo):
     assert "knn_brick.png" in heatmaps and "fusion_washer.png" in heatmaps, heatmaps
     for name in ("report.md", "roc.png", "pr.png", "alpha_curve.png"):
         assert (repo.root / "reports" / name).is_file(), name
-    for method in METHODS:
+    for method in METHODS + ["fusion"]:
         assert (repo.root / "metrics" / "plots" / "roc" / f"{method}.json").is_file(), method
 
     shown = json.loads(repo.dvc("metrics", "show", "--json"))
@@ -269,9 +274,9 @@ def test_demo_fusion_param_reruns_only_fuse_and_evaluate(demo_repo: Repo):
     repo = demo_repo
     repo.set_params({"fusion.metric": "pixel_auroc"})
     out, _ = repo.repro("fusion.metric=pixel_auroc")
-    assert sorted(ran(out)) == ["evaluate", "fuse"], f"ran {ran(out)}\n{out[-3000:]}"
-    assert touched(out) == {"fuse", "evaluate"}
-    assert ran(out) == ["fuse", "evaluate"]
+    # validate re-reads params.yaml; only fuse.json changed, so only fuse and evaluate run after it
+    assert ran(out) == ["validate", "fuse", "evaluate"], f"ran {ran(out)}\n{out[-3000:]}"
+    assert touched(out) == {"validate", "fuse", "evaluate"}
     assert repo.json("metrics/fusion.json")["metric"] == "pixel_auroc"
     check_anomaly_metrics(repo, DEMO_CATEGORIES)
 
@@ -283,23 +288,40 @@ def test_demo_fusion_param_reruns_only_fuse_and_evaluate(demo_repo: Repo):
     assert "up to date" in repo.dvc("status").lower()
 
 
-def test_demo_knn_param_keeps_features(demo_repo: Repo):
+def test_demo_knn_param_rescores_only_knn_methods(demo_repo: Repo):
     repo = demo_repo
     before = repo.json("metrics/per_category.json")["knn"]
-    features_md5, scores_md5 = repo.out_hash("features", "data/features"), repo.out_hash("score", "data/scores")
+    features_md5 = repo.out_hash("features", "data/features")
+    aaclip_md5 = repo.out_hash("score@aaclip", "data/scores/aaclip")
     repo.set_params({"knn.k": 3})
     out, _ = repo.repro("knn.k=3")
-    steps = ran(out)
-    assert "features" not in touched(out) and "prepare" not in touched(out), steps
-    assert "score" in steps and steps[-2:] == ["fuse", "evaluate"], steps
-    # `knn` is a param of train_prompts (vpt_knn) and of score only; nothing upstream of them reruns
-    assert set(steps) <= {"train_prompts", "score", "fuse", "evaluate"}, steps
+    # VPT scores through the kNN branch (it reads `knn`); no other method, no training, no features re-run
+    assert ran(out) == ["validate", "score@knn", "score@vpt_knn", "fuse", "evaluate"], ran(out)
     after = repo.json("metrics/per_category.json")["knn"]
     assert sorted(after) == sorted(before) == DEMO_CATEGORIES
     assert repo.out_hash("features", "data/features") == features_md5
-    assert repo.out_hash("score", "data/scores") != scores_md5  # k=3 neighbours: different maps
+    assert repo.out_hash("score@aaclip", "data/scores/aaclip") == aaclip_md5
     check_anomaly_metrics(repo, DEMO_CATEGORIES)
     assert "up to date" in repo.dvc("status").lower()
+    repo.commit("e2e: knn.k=3")
+
+
+def test_demo_methods_knn_only_touches_no_clip(demo_repo: Repo):
+    """`methods: [knn]`: no CLIP features, AA-CLIP's stages do no work, fusion says why it is skipped."""
+    repo = demo_repo
+    repo.set_params({"methods": ["knn"]})
+    out, _ = repo.repro("methods=[knn]")
+    steps = ran(out)
+    assert not any(s.startswith(("fit@", "score@")) and not s.endswith("@knn") for s in steps), steps
+    assert {"validate", "features", "score@knn", "fuse", "evaluate"} <= set(steps), steps
+    assert "skipped: method aaclip not selected" in out
+    assert list(repo.json("data/features/info.json")) == ["visual"]  # no CLIP model was built
+    assert not (repo.root / "data" / "features" / "clip").exists()
+    summary = check_anomaly_metrics(repo, DEMO_CATEGORIES, ["knn"])
+    assert [m for m in summary if not m.startswith("_")] == ["knn"]
+    assert "needs fusion.visual_method" in repo.json("metrics/fusion.json")["skipped"]
+    assert repo.json("metrics/classification.json")["_protocol"]["branches"] == ["visual"]
+    repo.commit("e2e: knn only")
 
 
 # ----------------------------------------------------------------------------------------------- MVTec / VisA
@@ -308,7 +330,7 @@ def test_demo_knn_param_keeps_features(demo_repo: Repo):
 @pytest.fixture(scope="module")
 def dataset_repo(tmp_path_factory) -> Repo:
     """One repo shared by the MVTec and VisA runs (each switch re-runs the pipeline from `prepare`)."""
-    return make_repo(tmp_path_factory.mktemp("e2e_datasets") / "repo", TINY)
+    return make_repo(tmp_path_factory.mktemp("e2e_datasets") / "repo", {**TINY, "methods": DATASET_METHODS})
 
 
 @pytest.fixture(scope="module")
@@ -320,10 +342,10 @@ def dataset_trees(tmp_path_factory) -> dict[str, Path]:
 def _run_dataset(repo: Repo, fmt: str, root: Path, categories: list[str]) -> None:
     repo.set_params({"data.format": fmt, "data.root": str(root), "data.categories": "all"})
     out, _ = repo.repro(f"{fmt} tree")
-    assert {"prepare", "features", "score", "fuse", "evaluate"} <= set(ran(out)), ran(out)
+    assert {"prepare", "features", "score@knn", "fuse", "evaluate"} <= set(ran(out)), ran(out)
     manifest = (repo.root / "data" / "prepared" / "manifest.csv").read_text()
     assert str(root) in manifest  # images read from the dataset tree, not the demo
-    summary = check_anomaly_metrics(repo, categories)
+    summary = check_anomaly_metrics(repo, categories, DATASET_METHODS + ["fusion"])
     knn = summary["knn"]
     assert all(0.0 <= knn[m] <= 1.0 for m in ANOMALY_METRICS), knn
     assert "up to date" in repo.dvc("status").lower()
