@@ -33,11 +33,6 @@ def candidate_dirs(methods: Sequence[str], scores: Path, fused: Path) -> dict[st
     return out
 
 
-def has_masks(rows: Sequence[mf.Row]) -> bool:
-    """True when the dataset has ground-truth masks (pixel thresholds and metrics exist)."""
-    return any(r.mask for r in rows)
-
-
 def thresholds_for(truth: dict, val_scores: dict, cfg: ThresholdConfig, masks: bool) -> dict[str, dict]:
     """{category: {"image", "pixel", "warnings"}} chosen on `truth`'s val rows (`fusion.val_truth`)."""
     out = {}
@@ -75,13 +70,15 @@ def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Pa
     truth = val_truth(selection_rows(rows, seed, float(fraction)), size)
     val = {m: load_scores(d / "val.safetensors") for m, d in dirs.items()}
     method, val_values = choose_method(val, truth, ecfg.metric, ecfg.method)
-    masks = has_masks(rows)
+    masks = ev.has_masks(rows)  # without masks: no pixel thresholds / metrics
     thresholds = thresholds_for(truth, val[method], tcfg, masks)
     measured = test_threshold_metrics(rows, load_scores(dirs[method] / "test.safetensors"), thresholds, size, masks)
     warnings = [w for t in thresholds.values() for w in t["warnings"]]
     protocol = {**summary.get("_protocol", {}),
                 "threshold_note": f"thresholds chosen per category on {sum(len(t[0]) for t in truth.values())} val "
                                   f"rows no method trained on (mode {tcfg.mode}); metrics on the test split"}
+    if warnings:
+        protocol["threshold_warnings"] = warnings
     if not masks:
         protocol["pixel_note"] = "the dataset has no ground-truth masks: no pixel threshold, no pixel metrics"
     write_json(metrics / "threshold.json", jsonable({"method": method, "mode": tcfg.mode, **measured,
