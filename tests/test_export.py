@@ -144,3 +144,21 @@ def test_predict_reports_a_corrupt_file_and_scores_the_others(knn_bundle, tmp_pa
     assert got[1]["error"] == "" and got[1]["score"] == pytest.approx(float(image[0]), abs=1e-4)
     with pytest.raises(Exception, match="--category"):
         predict_files(root / "bundle", [good], tmp_path / "o2", category=None, progress=False)
+
+
+def test_onnx_engine_agrees_with_the_pipeline(knn_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from anomaly_core.deploy.onnx import export_bundle
+    from anomaly_core.deploy.predict import predict_files
+
+    root, rows, scores = knn_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / "bundle", bundle)
+    lines = export_bundle(bundle, check=False)
+    assert len(lines) == len(scores["test"])
+    by_id = {r.id: r for r in rows}
+    for cat, (ids, image, _) in scores["test"].items():
+        got = predict_files(bundle, [by_id[i].image for i in ids], tmp_path / "out", category=cat, batch_size=4,
+                            engine="onnx", progress=False)
+        np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-3)
