@@ -284,5 +284,63 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
         typer.echo(f"warning: no method reports {metric}; the plot is empty", err=True)
 
 
+
+# --------------------------------------------------------------------------- use the exported model (issue 10)
+
+
+def _deploy_error(exc: Exception) -> None:
+    """One `error:` line for a library error of predict / export-onnx, exit code 2."""
+    typer.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def predict(model_dir: Path = typer.Argument(..., help="an exported bundle (models/export)"),
+            inputs: list[Path] = typer.Argument(..., help="image files and/or directories (searched recursively)"),
+            out: Path = typer.Option(Path("predictions"), help="output directory"),
+            category: Optional[str] = typer.Option(None, help="the bundle category to score against "
+                                                              "(needed when it has several)"),
+            heatmaps: bool = typer.Option(False, help="also write an overlay PNG per image to OUT/heatmaps"),
+            batch_size: int = typer.Option(16, help="images per forward pass"),
+            engine: str = typer.Option("torch", help="torch | onnx (after `anomaly-core export-onnx`)")) -> None:
+    """Score images with an exported model: OUT/predictions.csv (path, category, score, is_anomalous, threshold,
+    error). Needs only the bundle: no DVC repository, no dataset, no network."""
+    import os
+
+    from anomaly_core.deploy.predict import predict_files
+    from anomaly_core.errors import DataError, WeightsError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        rows = predict_files(model_dir, inputs, out, category, heatmaps, batch_size, engine,
+                             progress=os.environ.get("ANOMALY_CORE_PROGRESS", "1") != "0")
+    except (DataError, WeightsError, ImportError) as exc:
+        _deploy_error(exc)
+    failed = [r for r in rows if r["error"]]
+    for r in failed:
+        typer.echo(f"error: {r['path']}: {r['error']}", err=True)
+    flagged = sum(1 for r in rows if r["is_anomalous"] == 1)
+    typer.echo(f"{len(rows) - len(failed)} images scored ({flagged} anomalous), {len(failed)} unreadable "
+               f"-> {out / 'predictions.csv'}")
+
+
+@app.command("export-onnx")
+def export_onnx(model_dir: Path = typer.Argument(..., help="an exported kNN bundle (models/export)"),
+                check: bool = typer.Option(True, help="compare onnxruntime with the PyTorch engine on a random image")) -> None:
+    """Write MODEL_DIR/model.onnx: image tensor -> (image score, anomaly map), the memory bank inside; one graph
+    per category (model_<category>.onnx)."""
+    from anomaly_core.errors import DataError
+
+    try:
+        from anomaly_core.deploy.onnx import export_bundle
+    except ImportError as exc:
+        _deploy_error(ImportError(f"{exc}; install the extra: pip install 'anomaly_core[onnx]'"))
+    try:
+        for line in export_bundle(model_dir, check=check):
+            typer.echo(line)
+    except (DataError, ImportError) as exc:
+        _deploy_error(exc)
+
+
 if __name__ == "__main__":
     app()

@@ -212,13 +212,30 @@ class DemoConfig:
 
 
 @dataclass
+class FolderConfig:
+    """`data.folder` (format folder, as anomalib's Folder datamodule): directories under `data.root`."""
+    normal_dir: str = "good"
+    abnormal_dir: str = "defect"
+    mask_dir: str = ""            # "" = no masks: pixel metrics are not available
+    normal_test_dir: str = ""     # "" = test a seeded share `normal_split_ratio` of normal_dir
+    normal_split_ratio: float = 0.2
+
+    def validate(self, section: str) -> None:
+        Checks(section).that(bool(self.normal_dir), "normal_dir", self.normal_dir, "a directory under data.root") \
+            .that(bool(self.abnormal_dir), "abnormal_dir", self.abnormal_dir, "a directory under data.root") \
+            .that(0.0 < self.normal_split_ratio < 1.0, "normal_split_ratio", self.normal_split_ratio,
+                  "must be in (0, 1)").done()
+
+
+@dataclass
 class DataConfig:
-    format: Literal["demo", "mvtec", "visa", "imagefolder"] = "demo"
+    format: Literal["demo", "mvtec", "visa", "imagefolder", "folder"] = "demo"
     root: str = "data/raw"
     categories: Union[str, list[str]] = "all"
     val_fraction: float = 0.4
     image_size: int = 224
     demo: DemoConfig = field(default_factory=DemoConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
     on_one_class: Literal["error", "skip"] = "error"  # a category whose test/val split lacks a class
 
     def validate(self, section: str) -> None:

@@ -36,34 +36,46 @@ def align(rows: Sequence[Row], ids: Sequence[str], image: torch.Tensor, maps: to
     return image[order].numpy(), maps[order].numpy()
 
 
-def evaluable(labels: np.ndarray, masks: np.ndarray, category: str = "", split: str = "test") -> None:
+def evaluable(labels: np.ndarray, masks: np.ndarray | None, category: str = "", split: str = "test") -> None:
     """DataError naming the category and the missing class when its metrics cannot be computed.
 
     `prepare` refuses (or skips, `data.on_one_class`) such categories; this guards callers that bypass it.
-    labels int [N]; masks bool [N, H, W].
+    labels int [N]; masks bool [N, H, W], or None for a dataset without masks (image metrics only).
     """
     labels = np.asarray(labels)
     missing = [what for what, ok in (("good (normal) images", (labels == 0).any()),
                                      ("defect images", (labels == 1).any()),
-                                     ("defect pixel in any mask", np.asarray(masks).any())) if not ok]
+                                     ("defect pixel in any mask", masks is None or np.asarray(masks).any())) if not ok]
     if missing:
         raise DataError(f"category {category!r}: the {split} split has no {missing[0]}; metrics need both classes "
                         f"(prepare refuses this with data.on_one_class=error, drops it with skip; re-run prepare)")
 
 
-def category_metrics(labels: np.ndarray, masks: np.ndarray, image: np.ndarray, maps: np.ndarray,
+def category_metrics(labels: np.ndarray, masks: np.ndarray | None, image: np.ndarray, maps: np.ndarray,
                      max_fpr: float = 0.3, category: str = "", split: str = "test") -> dict[str, float]:
-    """All six anomaly metrics for one category (DataError naming it when a class is missing)."""
+    """All six anomaly metrics for one category (DataError naming it when a class is missing); the image metrics
+    only when `masks` is None (a dataset without ground-truth masks: pixel metrics are absent, never zeros)."""
     if not 0.0 < max_fpr <= 1.0:
         raise ConfigError(f"evaluate.max_fpr={max_fpr}: must be in (0, 1]")
     evaluable(labels, masks, category, split)
+    if masks is None:
+        return image_metrics(labels, image)
     return {**image_metrics(labels, image), **pixel_metrics(masks, maps, max_fpr=max_fpr)}
 
 
 def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Unweighted mean over categories (the MVTec AD / VisA reporting convention)."""
-    keys = IMAGE_METRICS + PIXEL_METRICS
+    """Unweighted mean over categories (the MVTec AD / VisA reporting convention) of the metrics every category has."""
+    keys = [k for k in IMAGE_METRICS + PIXEL_METRICS if all(k in m for m in per_category.values())]
     return {k: float(np.mean([m[k] for m in per_category.values()])) for k in keys}
+
+
+def has_masks(rows: Sequence[Row]) -> bool:
+    """True when the dataset has ground-truth masks (a folder dataset may have none: image metrics only)."""
+    return any(r.mask for r in rows)
+
+
+NO_MASKS_NOTE = ("the dataset has no ground-truth masks (data.format folder without data.folder.mask_dir): pixel "
+                 "metrics (pixel_auroc, pixel_aupro, pixel_ap) are not available and absent from the metrics files")
 
 
 def rounded(d: dict, places: int = 4) -> dict:

@@ -160,6 +160,9 @@ def val_metric(truth: Truth, scores: Scores, metric: str, max_fpr: float = 0.3,
     ``scores`` must be in the id order of ``truth``. Returns (value, skipped categories); a category is skipped
     when its val split lacks a class (e.g. no anomalous val image). Raises DataError if none is computable.
     """
+    if metric not in ("image_auroc", "image_ap") and not any(np.asarray(t[2]).any() for t in truth.values()):
+        raise DataError(f"fusion.metric={metric}: the val split has no defect pixel (a dataset without masks?); "
+                        "use image_auroc or image_ap")
     values, skipped = [], []
     for cat, (_, labels, masks) in truth.items():
         _, image, maps = scores[cat]

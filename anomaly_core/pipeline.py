@@ -30,6 +30,8 @@ FIXED: dict[str, tuple[str, ...]] = {
     "fuse": ("task", "seed", "data.image_size", "fusion"),
     "classify": ("task", "seed", "data.val_fraction", "classification", "backbones.clip"),
     "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate"),
+    # the bundle records the backbone and kNN settings it scores with; `threshold` / `export` choose on val
+    "export": ("task", "seed", "data", "features", "backbones", "knn", "export", "threshold"),
 }
 
 
@@ -88,6 +90,7 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out["fuse"].update(methods=methods, roles={m: get_method(m).role for m in methods},
                        holdouts={m: section(params, get_method(m).holdout) for m in methods if get_method(m).holdout})
     out["evaluate"].update(methods=methods, transductive=[m for m in methods if get_method(m).transductive])
+    out["export"].update(methods=methods, holdouts=out["fuse"]["holdouts"])
     if "clip" not in branches:  # classification reads the CLIP text tower only when CLIP features exist
         out["classify"].pop("backbones")
     for m in methods:

@@ -17,10 +17,14 @@ from anomaly_core.store import load_scores
 from anomaly_core.viz import save_curve_plot, save_heatmap_overlays
 
 
-def protocol(val_fraction: float, info: dict, methods: Sequence[str], transductive: Sequence[str]) -> dict:
+def protocol(val_fraction: float, info: dict, methods: Sequence[str], transductive: Sequence[str],
+             masks: bool = True) -> dict:
     """`_protocol` of the anomaly metrics files: the shared note, untrained backbones, the selected methods and
-    which of them are transductive (they read other test images when scoring one)."""
+    which of them are transductive (they read other test images when scoring one); `masks=False` (a dataset
+    without ground-truth masks) says why the pixel metrics are absent."""
     out = ev.protocol_note(val_fraction, [b for b, v in info.items() if v["untrained"]])
+    if not masks:
+        out["pixel_metrics"] = ev.NO_MASKS_NOTE
     out["methods"] = list(methods)
     out["transductive"] = list(transductive)
     if transductive:
@@ -54,6 +58,7 @@ def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_h
     ROC/PR plot data (scores standardised per category on val, pooled), heatmaps and the ROC/PR figures."""
     cats = mf.categories(rows)
     test_rows = {c: mf.rows_for(rows, c, "test") for c in cats}
+    pixel = ev.has_masks(rows)  # without masks: image metrics only
     masks = {c: ev.masks_for(test_rows[c], size) for c in cats}
     summary, per_category, curves = {}, {}, {"roc": {}, "pr": {}}
     for method, where in tqdm(dirs.items(), desc="evaluate", disable=not progress):
@@ -62,7 +67,7 @@ def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_h
         for c in cats:
             labels = np.array([r.label for r in test_rows[c]])
             image, maps = ev.align(test_rows[c], *test[c])
-            per_cat[c] = ev.category_metrics(labels, masks[c], image, maps, max_fpr, category=c)
+            per_cat[c] = ev.category_metrics(labels, masks[c] if pixel else None, image, maps, max_fpr, category=c)
             pooled_labels.append(labels)
             pooled_scores.append(ev.standardise(image, val[c][1].numpy()))
             heatmaps(reports / "heatmaps" / f"{method}_{c}.png", test_rows[c], image, maps, masks[c], size,
@@ -102,7 +107,10 @@ def report_markdown(summary: dict, info: dict, protocol_: dict, fusion: dict | N
         lines.append(f"- {branch} backbone: `{b['name']}` — {state}")
     if protocol_.get("transductive"):
         lines.append(f"- transductive: {protocol_['transductive_note']}")
-    cols = list(ev.IMAGE_METRICS + ev.PIXEL_METRICS)
+    present = [m for k, m in summary.items() if not k.startswith("_")]
+    cols = [c for c in ev.IMAGE_METRICS + ev.PIXEL_METRICS if all(c in m for m in present)]
+    if protocol_.get("pixel_metrics"):
+        lines.append(f"- pixel metrics: {protocol_['pixel_metrics']}")
     lines += ["", "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, m in summary.items():
         if not method.startswith("_"):

@@ -181,6 +181,14 @@ def rule_demo_shots(params: dict[str, Any], configs: Configs) -> list[str]:
             f"(lower shots or raise data.demo.n_train)"]
 
 
+def rule_export_method(params: dict[str, Any], configs: Configs, known: Sequence[str] | None = None) -> list[str]:
+    """`export.method` is `best`, `fusion` or a known method name."""
+    export = configs.get("export")
+    if export is None or known is None or export.method in ("best", "fusion", *known):
+        return []
+    return [f"export.method={export.method!r}: 'best', 'fusion' or one of {list(known)}"]
+
+
 DEFAULT_RULES: list[Rule] = [
     rule_same_value("aaclip_image.image_size", "backbones.clip.image_size"),
     rule_demo_shots,
@@ -197,6 +205,8 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
     from anomaly_core.adapters.core import ImageAdapterConfig, TextAdapterConfig
     from anomaly_core.classification import ClassificationConfig
     from anomaly_core.config import AaclipConfig, BackboneConfig, DataConfig, EvaluateConfig, FeaturesConfig
+    from anomaly_core.deploy.bundle import ExportConfig
+    from anomaly_core.deploy.thresholds import ThresholdConfig
     from anomaly_core.fusion import FusionConfig
 
     from anomaly_core.methods import get_method, method_names
@@ -213,10 +223,13 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
         "aaclip_image": Section(ImageAdapterConfig, seeded),
         "fusion": Section(FusionConfig),
         "classification": Section(ClassificationConfig),
+        "export": Section(ExportConfig),
+        "threshold": Section(ThresholdConfig),
     }
     methods = method_names() if methods is None else methods
     for name in method_names():  # every registered method's section, selected or not
         m = get_method(name)
         sections[m.section] = Section(m.config, seeded if m.seeded else ())
-    rules = list(DEFAULT_RULES) + [lambda p, c: rule_method_names(p, c, methods)]
+    rules = list(DEFAULT_RULES) + [lambda p, c: rule_method_names(p, c, methods),
+                                   lambda p, c: rule_export_method(p, c, methods)]
     return Schema(sections=sections, methods=methods, rules=rules)

@@ -24,10 +24,12 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     params = load_config(config)
     cfg = build(EvaluateConfig, get(params, "evaluate"), "evaluate")
     size, methods, info = int(get(params, "data.image_size")), get(params, "methods"), read_json(features_info)
-    protocol = rp.protocol(float(get(params, "data.val_fraction")), info, methods, get(params, "transductive"))
+    rows = mf.read_manifest(manifest)
+    protocol = rp.protocol(float(get(params, "data.val_fraction")), info, methods, get(params, "transductive"),
+                           masks=rp.ev.has_masks(rows))
     if get(params, "task") != "anomaly":
         return rp.classification_only(protocol, metrics, reports)
-    summary, per_category = rp.evaluate_methods(mf.read_manifest(manifest), rp.score_dirs(methods, scores, fused),
+    summary, per_category = rp.evaluate_methods(rows, rp.score_dirs(methods, scores, fused),
                                                 size, cfg.max_fpr, cfg.n_heatmaps, metrics, reports, progress())
     write_json(metrics / "summary.json", {**summary, "_protocol": protocol})
     write_json(metrics / "per_category.json", {**per_category, "_protocol": protocol})

@@ -24,12 +24,16 @@ from stages.common import friendly_errors, get, load_config
 app = typer.Typer(add_completion=False)
 
 
-def read_rows(cfg: DataConfig, demo_root: Path) -> list[mf.Row]:
+def read_rows(cfg: DataConfig, demo_root: Path, seed: int = 0) -> list[mf.Row]:
     if cfg.format == "demo":
         return readers.read_mvtec(demo_root, cfg.categories)
     root = Path(cfg.root)
     if not root.is_dir():
         raise ConfigError(f"data.root={cfg.root}: directory not found (point it at your {cfg.format} dataset)")
+    if cfg.format == "folder":
+        f = cfg.folder
+        return readers.read_folder(root, f.normal_dir, f.abnormal_dir, f.mask_dir, f.normal_test_dir,
+                                   f.normal_split_ratio, seed)
     return {"mvtec": readers.read_mvtec, "visa": readers.read_visa, "imagefolder": readers.read_imagefolder}[cfg.format](
         root, cfg.categories)
 
@@ -42,7 +46,7 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
     params = load_config(config)
     cfg = build(DataConfig, get(params, "data"), "data", strict=True)
     shots, seed, task = shots_value(get(params, "shots")), int(get(params, "seed")), get(params, "task")
-    rows = read_rows(cfg, demo_root)
+    rows = read_rows(cfg, demo_root, seed)
     start = time.perf_counter()
     warnings, results = checks.check_files(rows)
     typer.echo(f"inputs: {len(rows)} images decoded and masks checked in {time.perf_counter() - start:.2f}s "
@@ -50,7 +54,8 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
     anomaly = task == "anomaly" and cfg.format != "imagefolder"
     if anomaly:
         carved = mf.carve_val(rows, cfg.val_fraction, seed)
-        pixels = {r.id: c.mask_pixels for r, c in zip(rows, results)}
+        # a dataset without masks (data.format folder) is evaluated on image metrics only
+        pixels = {r.id: c.mask_pixels for r, c in zip(rows, results)} if any(r.mask for r in rows) else None
         kept, skipped = checks.apply_on_one_class(carved, checks.class_problems(carved, pixels), cfg.on_one_class)
         warnings += skipped
         keep = set(mf.categories(kept))

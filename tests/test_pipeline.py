@@ -48,7 +48,7 @@ pytestmark = [
 
 METHODS = method_names()  # the registry: every method runs on the demo by default
 STAGES = (["validate", "demo_data", "prepare", "features", "train_text_adapter", "train_image_adapter"]
-          + [f"{kind}@{m}" for kind in ("fit", "score") for m in METHODS] + ["fuse", "classify", "evaluate"])
+          + [f"{kind}@{m}" for kind in ("fit", "score") for m in METHODS] + ["fuse", "classify", "evaluate", "export"])
 DATASET_METHODS = ["aaclip", "zero_shot_clip", "knn", "musc"]  # the dataset trees test the readers; fewer methods
 ANOMALY_METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro", "pixel_ap"]
 CLASS_METRICS = ["top1", "top5", "balanced_acc", "macro_f1"]
@@ -275,8 +275,8 @@ def test_demo_fusion_param_reruns_only_fuse_and_evaluate(demo_repo: Repo):
     repo.set_params({"fusion.metric": "pixel_auroc"})
     out, _ = repo.repro("fusion.metric=pixel_auroc")
     # validate re-reads params.yaml; only fuse.json changed, so only fuse and evaluate run after it
-    assert ran(out) == ["validate", "fuse", "evaluate"], f"ran {ran(out)}\n{out[-3000:]}"
-    assert touched(out) == {"validate", "fuse", "evaluate"}
+    assert ran(out) == ["validate", "fuse", "evaluate", "export"], f"ran {ran(out)}\n{out[-3000:]}"
+    assert touched(out) == {"validate", "fuse", "evaluate", "export"}
     assert repo.json("metrics/fusion.json")["metric"] == "pixel_auroc"
     check_anomaly_metrics(repo, DEMO_CATEGORIES)
 
@@ -296,7 +296,7 @@ def test_demo_knn_param_rescores_only_knn_methods(demo_repo: Repo):
     repo.set_params({"knn.k": 3})
     out, _ = repo.repro("knn.k=3")
     # VPT scores through the kNN branch (it reads `knn`); no other method, no training, no features re-run
-    assert ran(out) == ["validate", "score@knn", "score@vpt_knn", "fuse", "evaluate"], ran(out)
+    assert ran(out) == ["validate", "score@knn", "score@vpt_knn", "fuse", "evaluate", "export"], ran(out)
     after = repo.json("metrics/per_category.json")["knn"]
     assert sorted(after) == sorted(before) == DEMO_CATEGORIES
     assert repo.out_hash("features", "data/features") == features_md5

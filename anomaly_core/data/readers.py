@@ -10,6 +10,10 @@ Supported layouts:
   ``<cat>/ground_truth/<defect>/<stem>_mask.png``.
 * VisA: ``split_csv/1cls.csv`` with columns ``object,split,label,image,mask``.
 * ImageFolder: ``<root>/<class>/*`` (classification; category ``images``).
+* Folder (anomalib's Folder datamodule): ``<root>/<normal_dir>/*`` good images, ``<root>/<abnormal_dir>/*``
+  defect images, optional ``<root>/<mask_dir>/<stem>[_mask].<ext>`` masks, optional ``<root>/<normal_test_dir>/*``
+  good test images (else a seeded share ``normal_split_ratio`` of the good images is tested); one category,
+  named after ``root``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "read_mvtec",
     "read_visa",
     "read_imagefolder",
+    "read_folder",
     "validate_rows",
     "READERS",
     "IMAGEFOLDER_CATEGORY",
@@ -248,10 +253,49 @@ def read_imagefolder(root: str | os.PathLike, categories: Categories = "all") ->
     return rows
 
 
+# ---------------------------------------------------------------------------- Folder (good / bad, masks optional)
+
+
+def read_folder(root: str | os.PathLike, normal_dir: str, abnormal_dir: str, mask_dir: str = "",
+                normal_test_dir: str = "", normal_split_ratio: float = 0.2, seed: int = 0) -> list[Row]:
+    """Read a good / defect folder pair (see the module docstring). Without ``mask_dir`` defect rows have no mask
+    (pixel metrics are then not available). The train / test split of the good images is seeded by ``seed``.
+    """
+    from anomaly_core.data.manifest import stable_rng
+
+    root = _require_dir(Path(root), "dataset root")
+    cat = root.resolve().name
+    def images(sub: str, what: str) -> list[Path]:
+        found = _list_images(_require_dir(root / sub, f"data.folder.{what}"))
+        if not found:
+            raise DataError(f"data.folder.{what}: no images in {root / sub}")
+        return found
+
+    normals, defects = images(normal_dir, "normal_dir"), images(abnormal_dir, "abnormal_dir")
+    if normal_test_dir:
+        train, test = normals, images(normal_test_dir, "normal_test_dir")
+    else:
+        n_test = max(1, int(round(normal_split_ratio * len(normals))))
+        if n_test >= len(normals):
+            raise DataError(f"data.folder.normal_dir: {len(normals)} good images cannot give train and test "
+                            f"(add images or set data.folder.normal_test_dir)")
+        picked = set(stable_rng(seed, f"folder/{cat}").permutation(len(normals))[:n_test].tolist())
+        train = [p for i, p in enumerate(normals) if i not in picked]
+        test = [p for i, p in enumerate(normals) if i in picked]
+    mdir = _require_dir(root / mask_dir, "data.folder.mask_dir") if mask_dir else None
+    rows = [Row(make_id(cat, "train", "good", p.stem), cat, "train", 0, "good", path_str(p), "", 0) for p in train]
+    rows += [Row(make_id(cat, "test", "good", p.stem), cat, "test", 0, "good", path_str(p), "", 0) for p in test]
+    rows += [Row(make_id(cat, "test", "defect", p.stem), cat, "test", 1, "defect", path_str(p),
+                 path_str(_find_mvtec_mask(mdir, p.stem)) if mdir else "", 0) for p in defects]
+    _check_unique_ids(rows)
+    return rows
+
+
 READERS: dict[str, Callable[..., list[Row]]] = {
     "mvtec": read_mvtec,
     "visa": read_visa,
     "imagefolder": read_imagefolder,
+    "folder": read_folder,
 }
 
 

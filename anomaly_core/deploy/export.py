@@ -1,0 +1,103 @@
+"""The `export` stage's work: choose the method on val, choose its thresholds on val, report the test metrics at
+those thresholds (`metrics/threshold.json`) and write the bundle (`anomaly_core.deploy.bundle`).
+
+Every choice is made on the val rows no method trained on (`data.holdout.selection_rows`, the rows the fusion
+chooses alpha on); test rows are only measured.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from anomaly_core import evaluation as ev
+from anomaly_core.config import KnnConfig, build
+from anomaly_core.data import manifest as mf
+from anomaly_core.data.holdout import selection_rows
+from anomaly_core.deploy.bundle import EXPORTABLE, ExportConfig, choose_method, data_hash, write_card_only, write_knn_bundle
+from anomaly_core.deploy.thresholds import ThresholdConfig, category_thresholds, threshold_metrics
+from anomaly_core.fusion import val_truth
+from anomaly_core.io import jsonable, read_json, write_json
+from anomaly_core.store import FeatureStore, load_scores
+
+__all__ = ["candidate_dirs", "thresholds_for", "test_threshold_metrics", "export_experiment"]
+
+
+def candidate_dirs(methods: Sequence[str], scores: Path, fused: Path) -> dict[str, Path]:
+    """{method: score directory} of the selected methods (registry order) and `fusion` when it ran."""
+    out = {m: Path(scores) / m for m in methods}
+    if (Path(fused) / "fusion" / "val.safetensors").is_file():
+        out["fusion"] = Path(fused) / "fusion"
+    return out
+
+
+def thresholds_for(truth: dict, val_scores: dict, cfg: ThresholdConfig, masks: bool) -> dict[str, dict]:
+    """{category: {"image", "pixel", "warnings"}} chosen on `truth`'s val rows (`fusion.val_truth`)."""
+    out = {}
+    for cat, (ids, labels, gt) in truth.items():
+        rows = [mf.Row(i, cat, "val", 0, "", "", "", 0) for i in ids]
+        image, maps = ev.align(rows, *val_scores[cat])
+        out[cat] = category_thresholds(labels, image, gt, maps, cfg, cat, masks)
+    return out
+
+
+def test_threshold_metrics(rows: Sequence[mf.Row], test_scores: dict, thresholds: dict, size: int,
+                           masks: bool) -> dict:
+    """{"per_category": {cat: {image: {...}, pixel: {...}}}, "mean": {image_f1, ...}} on the TEST rows."""
+    per_cat = {}
+    for cat, t in thresholds.items():
+        part = mf.rows_for(rows, cat, "test")
+        image, maps = ev.align(part, *test_scores[cat])
+        gt = ev.masks_for(part, size) if masks else None
+        per_cat[cat] = threshold_metrics(np.array([r.label for r in part]), image, gt, maps, t, masks)
+    mean = {f"{level}_{k}": float(np.mean([m[level][k] for m in per_cat.values()]))
+            for level in ("image", "pixel") if all(level in m for m in per_cat.values())
+            for k in ("precision", "recall", "f1", "fpr")}
+    return {"per_category": per_cat, "mean": mean}
+
+
+def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Path, fused: Path, features: Path,
+                      summary: dict, per_category: dict, out: Path, metrics: Path) -> dict:
+    """Choose, threshold, measure and write. `params`: the export stage's resolved config; `summary` /
+    `per_category`: evaluate's metrics files. Returns the card written to `out/model.json`."""
+    ecfg = build(ExportConfig, params["export"], "export", strict=True)
+    tcfg = build(ThresholdConfig, params["threshold"], "threshold", strict=True)
+    size, seed = int(params["data"]["image_size"]), int(params["seed"])
+    dirs = candidate_dirs(params["methods"], scores, fused)
+    fraction = min(params.get("holdouts", {}).values(), default=0.0)
+    truth = val_truth(selection_rows(rows, seed, float(fraction)), size)
+    val = {m: load_scores(d / "val.safetensors") for m, d in dirs.items()}
+    method, val_values = choose_method(val, truth, ecfg.metric, ecfg.method)
+    masks = ev.has_masks(rows)  # without masks: no pixel thresholds / metrics
+    thresholds = thresholds_for(truth, val[method], tcfg, masks)
+    measured = test_threshold_metrics(rows, load_scores(dirs[method] / "test.safetensors"), thresholds, size, masks)
+    warnings = [w for t in thresholds.values() for w in t["warnings"]]
+    protocol = {**summary.get("_protocol", {}),
+                "threshold_note": f"thresholds chosen per category on {sum(len(t[0]) for t in truth.values())} val "
+                                  f"rows no method trained on (mode {tcfg.mode}); metrics on the test split"}
+    if warnings:
+        protocol["threshold_warnings"] = warnings
+    if not masks:
+        protocol["pixel_note"] = "the dataset has no ground-truth masks: no pixel threshold, no pixel metrics"
+    write_json(metrics / "threshold.json", jsonable({"method": method, "mode": tcfg.mode, **measured,
+                                                    "warnings": warnings, "_protocol": protocol}, 6))
+    card = {"method": method, "chosen_by": {"metric": ecfg.metric, "mode": ecfg.method, "val": val_values},
+            "params": params, "training_data_sha256": data_hash(rows), "val_metrics": {ecfg.metric: val_values[method]},
+            "test_metrics": {"mean": summary.get(method, {}), "per_category": per_category.get(method, {}),
+                             "at_threshold": measured},
+            "protocol": protocol, "threshold": vars(tcfg),
+            "thresholds": {c: {"image": t["image"], "pixel": t["pixel"]} for c, t in thresholds.items()},
+            "map_range": {c: [float(np.percentile(val[method][c][2].numpy(), 1)),
+                              float(np.percentile(val[method][c][2].numpy(), 99.9))] for c in thresholds}}
+    card = jsonable(card, 10)
+    if Path(out).exists():
+        shutil.rmtree(out)
+    if method not in EXPORTABLE:
+        reason = (f"{method} cannot be exported yet (exportable: {', '.join(EXPORTABLE)}); model.json holds its "
+                  f"val thresholds and metrics only")
+        return write_card_only(out, card, reason)
+    kcfg = build(KnnConfig, params["knn"], "knn")
+    return write_knn_bundle(out, rows, FeatureStore(features), kcfg, params["backbones"][kcfg.branch],
+                            params["features"]["dtype"], size, seed, card)

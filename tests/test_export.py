@@ -1,0 +1,164 @@
+"""Thresholds chosen on val, the exported bundle and `predict` (kNN), against the pipeline's own numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+from anomaly_core.deploy.thresholds import (ThresholdConfig, binary_metrics, category_thresholds, choose_threshold)
+
+
+def test_f1_threshold_maximises_val_f1_against_sklearn():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(40), np.ones(15)].astype(int)
+    s = np.r_[rng.normal(0, 1, 40), rng.normal(1.5, 1, 15)]
+    t, notes = choose_threshold(y, s, "f1")
+    assert notes == []
+    best = max(f1_score(y, s >= c) for c in np.unique(s))  # brute force over every candidate threshold
+    assert f1_score(y, s >= t) == pytest.approx(best)
+    m = binary_metrics(y, s, t)
+    assert m["precision"] == pytest.approx(precision_score(y, s >= t))
+    assert m["recall"] == pytest.approx(recall_score(y, s >= t))
+    assert m["f1"] == pytest.approx(best)
+
+
+def test_fpr_threshold_is_the_smallest_with_fpr_at_most_target():
+    s = np.arange(20, dtype=float)  # 20 normals, scores 0..19
+    y = np.zeros(20, dtype=int)
+    t, notes = choose_threshold(y, s, "fpr", fpr=0.1)
+    assert t == 18.0  # 18 and 19 flagged: FPR 0.1; 17 would give 0.15
+    assert notes and "no anomalies" in notes[0]  # fpr mode without val anomalies: a threshold and a warning
+    assert binary_metrics(y, s, t)["fpr"] == pytest.approx(0.1)
+    t0, _ = choose_threshold(y, s, "fpr", fpr=0.0)
+    assert t0 > 19.0 and binary_metrics(y, s, t0)["fpr"] == 0.0
+
+
+def test_f1_mode_without_val_anomalies_falls_back_to_fpr_with_a_warning():
+    s = np.linspace(0, 1, 11)
+    t, notes = choose_threshold(np.zeros(11), s, "f1", fpr=0.2)
+    assert t == pytest.approx(0.9) and "F1 is undefined" in notes[0]  # 2 of 11 flagged (0.18); 3 would be 0.27
+
+
+def test_fixed_and_pixel_thresholds_and_no_masks():
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 0, 1, 1])
+    masks = np.zeros((4, 8, 8), dtype=bool)
+    masks[2:, 2:5, 2:5] = True
+    maps = rng.normal(0, 0.1, (4, 8, 8)) + 2.0 * masks
+    image = maps.reshape(4, -1).max(1)
+    cfg = ThresholdConfig(mode="f1")
+    out = category_thresholds(labels, image, masks, maps, cfg, "c", has_masks=True)
+    assert binary_metrics(masks, maps, out["pixel"])["f1"] == 1.0  # separable pixels: a perfect F1 threshold
+    none = category_thresholds(labels, image, masks, maps, cfg, "c", has_masks=False)
+    assert none["pixel"] is None and "no ground-truth masks" in none["pixel_note"]
+    fixed = category_thresholds(labels, image, masks, maps, ThresholdConfig(mode="fixed", value=0.7), "c", True)
+    assert fixed["image"] == fixed["pixel"] == 0.7
+
+
+# ---------------------------------------------------------------------------- bundle + predict (kNN)
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from conftest import make_mvtec_tree
+
+BACKBONE = {"name": "efficientnet_lite0", "pretrained": "random", "levels": [2, 3], "image_size": 64}
+SIZE = 32  # data.image_size (map resolution)
+
+
+def tiny_knn_run(root: Path):
+    """A tiny pipeline run through the library calls of the stages: prepare (read, carve val, shots), features
+    (`extract_features` cached in float16 like stages/features.py), score (`methods/knn.py`'s `knn_scores`)."""
+    from anomaly_core.backbones import create_backbone
+    from anomaly_core.config import KnnConfig
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.data.readers import read_mvtec
+    from anomaly_core.features import extract_features
+    from anomaly_core.io import save_tensors, write_json
+    from anomaly_core.methods.shared import knn_scores
+    from anomaly_core.store import FeatureStore
+
+    data = make_mvtec_tree(root / "mvtec")
+    rows = mf.select_shots(mf.carve_val(read_mvtec(data, "all"), 0.4, 0), "all", 0)
+    bb = create_backbone(BACKBONE["name"], "random", BACKBONE["levels"], BACKBONE["image_size"])
+    feats = root / "features"
+    for cat in mf.categories(rows):
+        for split in ("train", "test"):
+            source = {"train": "train", "val": "test", "test": "test"}  # val is carved from test (store.SOURCE)
+            part = [r for r in rows if r.category == cat and source[r.split] == split]
+            out = extract_features(bb, [r.image for r in part], 4, torch.float16, progress=False)
+            save_tensors(feats / "visual" / cat / f"{split}.safetensors", out, {"ids": [r.id for r in part]})
+    write_json(feats / "info.json", {"visual": {"name": bb.name, "untrained": True}})
+    store = FeatureStore(feats)
+    cfg = KnnConfig(sigma=1.0)
+    return rows, store, cfg, knn_scores(store, rows, cfg, SIZE, 0)
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(tmp_path_factory):
+    from anomaly_core.deploy.bundle import write_knn_bundle
+
+    root = tmp_path_factory.mktemp("knn")
+    rows, store, cfg, scores = tiny_knn_run(root)
+    thresholds = {c: {"image": float(img.median()), "pixel": None} for c, (_, img, _) in scores["val"].items()}
+    write_knn_bundle(root / "bundle", rows, store, cfg, BACKBONE, "float16", SIZE, 0,
+                     {"method": "knn", "thresholds": thresholds})
+    return root, rows, scores
+
+
+def test_predict_reproduces_pipeline_test_scores_from_a_copied_bundle(knn_bundle, tmp_path, monkeypatch):
+    import csv
+
+    from anomaly_core.deploy.predict import predict_files
+
+    root, rows, scores = knn_bundle
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(root / "bundle", elsewhere / "bundle")  # only the bundle: no features, no DVC repo
+    monkeypatch.chdir(elsewhere)
+    by_id = {r.id: r for r in rows}
+    for cat, (ids, image, _) in scores["test"].items():
+        paths = [by_id[i].image for i in ids]
+        got = predict_files("bundle", paths, "out", category=cat, heatmaps=True, batch_size=3, progress=False)
+        assert [g["error"] for g in got] == [""] * len(ids)
+        np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-4)
+        with open(Path("out") / "predictions.csv") as fh:
+            table = list(csv.DictReader(fh))
+        assert [float(t["score"]) for t in table] == pytest.approx([g["score"] for g in got])
+        t = float(table[0]["threshold"])
+        assert [int(r["is_anomalous"]) for r in table] == [int(g["score"] >= t) for g in got]
+        assert len(list((Path("out") / "heatmaps").glob("*.png"))) >= len(ids)
+
+
+def test_predict_reports_a_corrupt_file_and_scores_the_others(knn_bundle, tmp_path):
+    from anomaly_core.deploy.predict import predict_files
+
+    root, rows, scores = knn_bundle
+    cat, (ids, image, _) = next(iter(scores["test"].items()))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = next(r.image for r in rows if r.id == ids[0])
+    got = predict_files(root / "bundle", [bad, good], tmp_path / "out", category=cat, progress=False)
+    assert got[0]["score"] == "" and "broken.png" in got[0]["error"]
+    assert got[1]["error"] == "" and got[1]["score"] == pytest.approx(float(image[0]), abs=1e-4)
+    with pytest.raises(Exception, match="--category"):
+        predict_files(root / "bundle", [good], tmp_path / "o2", category=None, progress=False)
+
+
+def test_onnx_engine_agrees_with_the_pipeline(knn_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from anomaly_core.deploy.onnx import export_bundle
+    from anomaly_core.deploy.predict import predict_files
+
+    root, rows, scores = knn_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / "bundle", bundle)
+    lines = export_bundle(bundle, check=False)
+    assert len(lines) == len(scores["test"])
+    by_id = {r.id: r for r in rows}
+    for cat, (ids, image, _) in scores["test"].items():
+        got = predict_files(bundle, [by_id[i].image for i in ids], tmp_path / "out", category=cat, batch_size=4,
+                            engine="onnx", progress=False)
+        np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-3)
