@@ -121,3 +121,35 @@ def test_two_process_training_equals_one_process(tmp_path):
         for k in h1:
             assert h2[k] == pytest.approx(h1[k], rel=1e-4, abs=1e-5), k
     assert one["history"][-1]["loss"] != one["history"][1]["loss"]  # it trained
+
+
+PARAMS = """backbones:
+  clip:
+    name: anomaly-core-tiny-clip
+    pretrained: random
+    levels: [2, 4]
+    image_size: 224
+features:
+  batch_size: 3
+  dtype: float16
+"""
+
+
+def test_two_process_features_stage_writes_identical_bytes(tmp_path, mvtec_tree):
+    """The real `features` stage, 1 process vs torchrun with 2. Per category 5 train images (batches 3 + 2: one
+    per rank) and 7 test images (batches 3, 3, 1: rank 0 runs the first and the short last one)."""
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.data.readers import READERS
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(PARAMS)
+    mf.write_manifest(READERS["mvtec"](mvtec_tree, "all"), work / "images.csv")
+    stage = str(ROOT / "stages" / "features.py")
+    for nproc, out in ((1, "one"), (2, "two")):
+        _run(Path(stage), ["--images", "images.csv", "--out", out], nproc, work)
+    one = sorted(p.relative_to(work / "one") for p in (work / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(work / "two") for p in (work / "two").rglob("*") if p.is_file())
+    assert one == two and len([p for p in one if p.suffix == ".safetensors"]) >= 4
+    for rel in one:
+        assert (work / "one" / rel).read_bytes() == (work / "two" / rel).read_bytes(), rel
