@@ -1,8 +1,14 @@
-"""`anomaly-core` command line: `collect` gathers a `dvc exp run` sweep into tables and a plot.
+"""`anomaly-core` command line: `collect` gathers a `dvc exp run` sweep into tables and a plot; `sweep` runs
+one machine's slice of a shots x seeds grid and shares it through the Git and DVC remotes.
 
     anomaly-core collect --repo . --out reports/sweep --metric image_auroc --methods knn,fusion
+    anomaly-core sweep run --machine 0 --machines 2 --shots 1,2,5 --seeds 0,1,2 --git-remote origin
+    anomaly-core sweep pull --git-remote origin
 
-runs `dvc exp show --json` in ``--repo``, keeps the finished experiments (queued, running and failed ones are
+`collect` reads the experiments of ``--repo`` through DVC's Python API (``Repo.experiments.show``, the data
+behind ``dvc exp show --json``; `dvc.api.exp_show` flattens params and metrics into one namespace, where
+params.yaml's `knn.k` and summary.json's `knn.image_auroc` cannot be told apart, and turns ints into floats
+and timestamps into "12:56 AM", so it does not give what collect needs), keeps the finished experiments (queued, running and failed ones are
 dropped), reads their params ``shots`` and ``seed`` and the metrics of ``metrics/summary.json`` (and
 ``metrics/classification.json`` when present), and writes
 
@@ -36,7 +42,8 @@ import typer
 
 from anomaly_core.io import atomic_path, write_text
 
-__all__ = ["METRIC_FILES", "run_exp_show", "parse_exp_show", "dedupe", "aggregate", "experiments_csv",
+__all__ = ["METRIC_FILES", "run_exp_show", "read_experiments", "parse_exp_show", "sweep_grid", "machine_slice",
+           "exp_name", "sweep_run_commands", "sweep_pull_commands", "dedupe", "aggregate", "experiments_csv",
            "aggregate_csv", "plot_metric", "collect_sweep", "app"]
 
 METRIC_FILES = ("metrics/summary.json", "metrics/classification.json")
@@ -58,6 +65,29 @@ def run_exp_show(repo: str | Path, all_commits: bool = False) -> list[dict]:
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd[-3:])}` failed in {repo}: {proc.stderr.strip() or proc.stdout.strip()}")
     return json.loads(proc.stdout)
+
+
+def _json_default(obj: Any) -> Any:
+    """As `dvc exp show --json`: dates in ISO format, exceptions as {type, msg}."""
+    from datetime import date, datetime
+
+    if isinstance(obj, (date, datetime)):
+        return obj.isoformat()
+    return {"type": type(obj).__name__, "msg": str(obj)}
+
+
+def read_experiments(repo: str | Path, all_commits: bool = False) -> list[dict]:
+    """The experiments of ``repo`` in the `dvc exp show --json` layout, read in-process with DVC's Python API;
+    RuntimeError with DVC's message when ``repo`` is not a DVC repository (or DVC fails)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo.open(str(repo)) as dvc_repo:
+            exps = dvc_repo.experiments.show(all_commits=all_commits)
+            return json.loads(json.dumps([e.dumpd() for e in exps], default=_json_default))
+    except DvcException as exc:
+        raise RuntimeError(f"reading the experiments of {repo} failed: {exc}") from exc
 
 
 def _lookup(tree: Any, dotted: str) -> Any:
@@ -248,6 +278,79 @@ def collect_sweep(data: list[dict], out: str | Path, metric: str = "image_auroc"
             "plot": str(out / f"{metric}_vs_shots.png")}
 
 
+# --------------------------------------------------------------------------- sweeps over several machines
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def sweep_grid(shots: Sequence[str], seeds: Sequence[str], sets: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The shots x seeds grid (shots outer, seeds inner, as given) as `-S` overrides {key: value}; `sets`
+    ("key=value") are added to every point. ValueError on an empty axis or a malformed set."""
+    if not shots or not seeds:
+        raise ValueError("the grid needs at least one shots value and one seed")
+    extra = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        extra[key] = value
+    return [{"shots": str(k), "seed": str(s), **extra} for k in shots for s in seeds]
+
+
+def machine_slice(grid: Sequence[dict], machine: int, machines: int) -> list[dict]:
+    """Points machine `machine` (0-based) of `machines` runs: every machines-th point, so the slices are
+    disjoint and cover the grid."""
+    if machines < 1 or not 0 <= machine < machines:
+        raise ValueError(f"--machine {machine} --machines {machines}: need 0 <= machine < machines")
+    return list(grid[machine::machines])
+
+
+def exp_name(point: dict[str, str], prefix: str = "") -> str:
+    """Experiment name of a grid point, e.g. `s5-seed1` (a valid Git ref name, unique within the grid)."""
+    return f"{prefix}s{point['shots']}-seed{point['seed']}"
+
+
+def sweep_run_commands(points: Sequence[dict], git_remote: str | None, jobs: int = 1, prefix: str = "",
+                       dvc_remote: str | None = None) -> list[list[str]]:
+    """DVC commands that queue `points`, run the queue (waits), and when `git_remote` is given push the
+    experiments (Git refs + their DVC cache + run-cache) and the run-cache of the workspace to the remotes."""
+    dvc = _dvc_command()
+    cmds = []
+    for p in points:
+        cmds.append(dvc + ["exp", "run", "--queue", "-n", exp_name(p, prefix)]
+                    + [a for k, v in p.items() for a in ("-S", f"{k}={v}")])
+    cmds.append(dvc + ["exp", "run", "--run-all", "--jobs", str(jobs)])
+    if git_remote:
+        remote = ["-r", dvc_remote] if dvc_remote else []
+        cmds.append(dvc + ["exp", "push", "--run-cache", *remote, git_remote] + [exp_name(p, prefix) for p in points])
+        cmds.append(dvc + ["push", "--run-cache", *remote])
+    return cmds
+
+
+def sweep_pull_commands(git_remote: str, with_data: bool = False, dvc_remote: str | None = None) -> list[list[str]]:
+    """DVC commands that fetch every experiment of the current commit from `git_remote` (their metrics live in
+    the experiment commits, enough for `collect`), and with `with_data` the cached outputs + run-cache too."""
+    dvc = _dvc_command()
+    remote = ["-r", dvc_remote] if dvc_remote else []
+    cmds = [dvc + ["exp", "pull", "--no-cache", git_remote]] if not with_data else [
+        dvc + ["exp", "pull", "--run-cache", *remote, git_remote], dvc + ["pull", "--run-cache", *remote]]
+    return cmds
+
+
+def _run_all(cmds: list[list[str]], cwd: Path, dry_run: bool) -> None:
+    for cmd in cmds:
+        shown = " ".join(["dvc"] + cmd[len(_dvc_command()):])
+        typer.echo(f"$ {shown}")
+        if dry_run:
+            continue
+        proc = subprocess.run(cmd, cwd=cwd)
+        if proc.returncode != 0:
+            typer.echo(f"error: `{shown}` failed (exit {proc.returncode})", err=True)
+            raise typer.Exit(proc.returncode)
+
+
 # --------------------------------------------------------------------------- typer app
 
 
@@ -269,7 +372,7 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
             from_json: Optional[Path] = typer.Option(None, help="parse a saved `dvc exp show --json` file")) -> None:
     """Tabulate and plot a `dvc exp run -S shots=.. -S seed=..` sweep (mean ± std over seeds)."""
     try:
-        data = json.loads(from_json.read_text()) if from_json else run_exp_show(repo, all_commits)
+        data = json.loads(from_json.read_text()) if from_json else read_experiments(repo, all_commits)
     except (RuntimeError, OSError, json.JSONDecodeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -284,6 +387,43 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
         typer.echo(f"warning: no method reports {metric}; the plot is empty", err=True)
 
 
+sweep_app = typer.Typer(add_completion=False, help="Spread a shots x seeds sweep over machines sharing one Git "
+                                                    "remote and one DVC remote.")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("run")
+def sweep_run(machine: int = typer.Option(0, help="this machine's index, 0-based"),
+              machines: int = typer.Option(1, help="number of machines sharing the sweep"),
+              shots: str = typer.Option("1,2,5", help="comma-separated shots values"),
+              seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+              set_: list[str] = typer.Option([], "--set", help="extra key=value override for every point"),
+              git_remote: str = typer.Option("", help="Git remote to push experiments to ('' = do not push)"),
+              dvc_remote: str = typer.Option("", help="DVC remote (default: the repository's default remote)"),
+              jobs: int = typer.Option(1, help="queue workers on this machine"),
+              prefix: str = typer.Option("", help="prefix of the experiment names"),
+              repo: Path = typer.Option(Path("."), help="the DVC repository (a clone on this machine)"),
+              dry_run: bool = typer.Option(False, help="print the commands, run nothing")) -> None:
+    """Queue and run this machine's slice of the grid, then `dvc exp push` + `dvc push` (run-cache included)."""
+    try:
+        points = machine_slice(sweep_grid(_csv_list(shots), _csv_list(seeds), set_), machine, machines)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"machine {machine}/{machines}: {len(points)} experiments: "
+               + ", ".join(exp_name(p, prefix) for p in points))
+    if points:
+        _run_all(sweep_run_commands(points, git_remote or None, jobs, prefix, dvc_remote or None), repo, dry_run)
+
+
+@sweep_app.command("pull")
+def sweep_pull(git_remote: str = typer.Option("origin", help="Git remote the machines pushed to"),
+               dvc_remote: str = typer.Option("", help="DVC remote (default: the repository's default remote)"),
+               with_data: bool = typer.Option(False, help="also pull the experiments' cached outputs and run-cache"),
+               repo: Path = typer.Option(Path("."), help="the DVC repository"),
+               dry_run: bool = typer.Option(False, help="print the commands, run nothing")) -> None:
+    """Fetch every machine's experiments of the current commit; then run `anomaly-core collect`."""
+    _run_all(sweep_pull_commands(git_remote, with_data, dvc_remote or None), repo, dry_run)
 
 # --------------------------------------------------------------------------- use the exported model (issue 10)
 

@@ -54,3 +54,35 @@ def extract_features(backbone, paths: Sequence[str], batch_size: int = 16, dtype
         bar.update(len(batch))
     bar.close()
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def extract_features_sharded(backbone, paths: Sequence[str], batch_size: int = 16,
+                             dtype: torch.dtype = torch.float16, desc: str = "features", progress: bool = True
+                             ) -> dict[str, torch.Tensor] | None:
+    """`extract_features` split over the ranks of an active process group (anomaly_core.distributed).
+
+    The image list is cut into the same batches as a single process (batch b = paths[b*B:(b+1)*B]); rank r runs
+    batches r, r + world, ... and rank 0 gathers them (CPU) and concatenates in batch order, so every batch goes
+    through the backbone with the same shape and content as in a single-process run and the result holds the
+    same values. Returns the feature dict on rank 0 and None on the other ranks; without a process group it is
+    `extract_features`. (Bit-identity also needs the same intra-op thread count per process: torchrun sets
+    OMP_NUM_THREADS=1, so set it for single-process runs you compare against.)
+    """
+    from anomaly_core import distributed as dist
+
+    if dist.world_size() == 1 or not paths:
+        return extract_features(backbone, paths, batch_size, dtype, desc, progress)
+    n_batches = -(-len(paths) // batch_size)
+    mine = dist.shard(n_batches, dist.rank(), dist.world_size())
+    my_paths = [p for b in mine for p in paths[b * batch_size : (b + 1) * batch_size]]
+    feats = extract_features(backbone, my_paths, batch_size, dtype, desc, progress) if my_paths else {}
+    sizes = [min(batch_size, len(paths) - b * batch_size) for b in mine]
+    parts = {b: {k: v[s - n : s].cpu() for k, v in feats.items()}  # batch b's rows of this rank's output
+             for b, n, s in zip(mine, sizes, [sum(sizes[: i + 1]) for i in range(len(sizes))])}
+    gathered = dist.gather_objects(parts)
+    if gathered is None:
+        return None
+    by_batch = {b: f for part in gathered for b, f in part.items()}
+    keys = list(by_batch[0])
+    return {k: torch.cat([by_batch[b][k] for b in range(n_batches)]) for k in keys}

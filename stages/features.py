@@ -14,7 +14,8 @@ import typer
 from anomaly_core.backbones import create_backbone
 from anomaly_core.config import BackboneConfig, FeaturesConfig, build
 from anomaly_core.data import manifest as mf
-from anomaly_core.features import extract_features
+from anomaly_core import distributed as dist
+from anomaly_core.features import extract_features_sharded
 from anomaly_core.io import save_tensors, write_json
 from stages.common import device, friendly_errors, load_config, progress
 
@@ -41,7 +42,8 @@ def main(images: Path = typer.Option(Path("data/prepared/images.csv")),
     fcfg = build(FeaturesConfig, params["features"], "features")
     dtype = getattr(torch, fcfg.dtype)
     rows = mf.read_manifest(images)
-    dev = device()
+    ctx = dist.init(device())  # torchrun (dist.nproc > 1): rank r extracts every world-th batch, rank 0 writes
+    dev = ctx.device
     info = {}
     for branch in BRANCHES:
         raw = params["backbones"].get(branch)
@@ -56,16 +58,21 @@ def main(images: Path = typer.Option(Path("data/prepared/images.csv")),
                 part = mf.rows_for(rows, cat, split)
                 if not part:
                     continue
-                feats = extract_features(bb, [r.image for r in part], fcfg.batch_size, dtype,
-                                         desc=f"{branch}/{cat}/{split}", progress=progress())
+                feats = extract_features_sharded(bb, [r.image for r in part], fcfg.batch_size, dtype,
+                                                 desc=f"{branch}/{cat}/{split}", progress=progress() and ctx.is_main)
+                if feats is None:  # not rank 0: its batches went to rank 0
+                    continue
                 meta = {"ids": [r.id for r in part], "backbone": bb.name, "pretrained": bb.pretrained}
                 if bb.kind == "clip":
                     meta["grid"] = [bb.grid, bb.grid]
                 save_tensors(out / branch / cat / f"{split}.safetensors", {k: v.cpu() for k, v in feats.items()}, meta)
                 n += len(part)
         dt = time.perf_counter() - t0
-        typer.echo(f"{branch}: {bb.name} ({bb.pretrained}) {n} images in {dt:.1f}s ({n / max(dt, 1e-9):.1f} img/s)")
-    write_json(out / "info.json", info)
+        if ctx.is_main:
+            typer.echo(f"{branch}: {bb.name} ({bb.pretrained}) {n} images in {dt:.1f}s ({n / max(dt, 1e-9):.1f} img/s)")
+    dist.shutdown()
+    if ctx.is_main:
+        write_json(out / "info.json", info)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import typer
 
 from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
 from anomaly_core.adapters.data import second_dataset_rows, image_set, training_rows
+from anomaly_core import distributed as dist
 from anomaly_core.backbones import backbone_from_config
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
@@ -28,7 +29,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))
-    ccfg, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip", device())
+    ctx = dist.init(device())  # torchrun (dist.nproc > 1): one process per GPU / CPU rank
+    ccfg, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip", ctx.device)
     _, anchors = load_text_adapters(text_adapters, clip, ccfg.name)
     rows = mf.read_manifest(manifest)
     train, select = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))
@@ -38,10 +40,13 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     val = image_set(select, clip.image_size, size) if select else None
     adapters, hist = train_image_adapters(clip, anchors, image_set(train, clip.image_size, size), val, cfg, progress())
     chosen = next((h["epoch"] for h in hist if h.get("selected")), cfg.epochs)
+    dist.shutdown()
+    if not ctx.is_main:
+        return
     save_image_adapters(out, adapters, ccfg.name, selected_epoch=chosen)
     write_json(history, [{k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in h.items()} for h in hist])
     typer.echo(f"aaclip image adapters: {len(train)} training images, {len(select)} selection images, "
-               f"epoch {chosen} selected on validation")
+               f"epoch {chosen} selected on validation, {ctx.world_size} process(es)")
 
 
 if __name__ == "__main__":

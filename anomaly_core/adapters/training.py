@@ -16,6 +16,7 @@ from anomaly_core.adapters.core import (
     test_map, text_stage_loss,
 )
 from anomaly_core.adapters.modules import ImageAdapters, TextAdapters
+from anomaly_core.distributed import all_reduce_sum, rank as dist_rank, world_size as dist_world
 from anomaly_core.errors import DataError
 
 __all__ = ["train_text_adapters", "train_image_adapters", "augment_batch", "evaluate_image_adapters"]
@@ -153,14 +154,17 @@ def _unpack(split: ImageSet, name: str) -> ImageSet:
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
-                  gen: torch.Generator | None = None, enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  gen: torch.Generator | None = None, enabled: bool = True, seeds: Sequence[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """images uint8 [B, H, W, 3], masks [B, S, S] -> (normalised [B, 3, size, size], masks [B, S, S] 0/1).
 
     When enabled (stage-2 augmentation, as AA-CLIP): colour jitter (brightness/contrast/saturation 0.2,
     p=0.7) on the image only, then the same random horizontal flip and rotation in [-5, 5] degrees (about
-    the centre, zero fill) on image and mask. Flip and angle come from `gen`; kornia's jitter from the
-    global torch RNG. The mask keeps its own resolution S (rotation is defined about the centre, so image
-    and mask stay aligned whatever the sizes).
+    the centre, zero fill) on image and mask. With `seeds` (one int per sample) every random draw of sample i
+    comes from seeds[i] alone, so a sample is augmented the same whatever batch (or rank) it lands in; the
+    training loop uses this. Without seeds, flip and angle come from `gen` and kornia's jitter from the global
+    torch RNG (one jitter order per batch). The mask keeps its own resolution S (rotation is defined about the
+    centre, so image and mask stay aligned whatever the sizes).
     """
     device = masks.device
     x = images.to(device).permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W]
@@ -169,15 +173,37 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, size: int, mean: Se
     m = masks.float()[:, None]  # [B, 1, S, S]
     if enabled:
         b = x.shape[0]
-        x = kornia.augmentation.ColorJitter(**JITTER)(x).clamp(0, 1)
-        flip = (torch.rand(b, generator=gen) < 0.5).to(device)
+        if seeds is not None:
+            x, u_flip, u_angle = _jitter_per_sample(x, seeds)
+        else:
+            x = kornia.augmentation.ColorJitter(**JITTER)(x).clamp(0, 1)
+            u_flip, u_angle = torch.rand(b, generator=gen), torch.rand(b, generator=gen)
+        flip = (u_flip < 0.5).to(device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         m = torch.where(flip[:, None, None, None], m.flip(-1), m)
-        angle = ((torch.rand(b, generator=gen) * 2 - 1) * ROTATION_DEGREES).to(device)
+        angle = ((u_angle * 2 - 1) * ROTATION_DEGREES).to(device)
         x = kornia.geometry.transform.rotate(x, angle)
         m = (kornia.geometry.transform.rotate(m, angle) > 0.5).float()
     x = kornia.enhance.normalize(x, torch.tensor(mean, device=device), torch.tensor(std, device=device))
     return x, m[:, 0]
+
+
+def _jitter_per_sample(x: torch.Tensor, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, 3, S, S] in [0, 1] -> (jittered x, flip uniforms [B], angle uniforms [B]); sample i's jitter
+    (kornia, global RNG re-seeded in a fork) and uniforms depend on seeds[i] only."""
+    if len(seeds) != x.shape[0]:
+        raise DataError(f"augment_batch: {len(seeds)} seeds for {x.shape[0]} images")
+    jitter = kornia.augmentation.ColorJitter(**JITTER)
+    cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+    out, u = [], []
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        u.append(torch.rand(2, generator=g))
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            out.append(jitter(x[i : i + 1]).clamp(0, 1))
+    u = torch.stack(u)  # [B, 2]
+    return torch.cat(out), u[:, 0], u[:, 1]
 
 
 def _pixel_auroc(maps: torch.Tensor, masks: torch.Tensor, seed: int) -> float | None:
@@ -230,32 +256,70 @@ def _select(entry: dict[str, Any]) -> float:
     return entry["val_pixel_auroc"] if entry.get("val_pixel_auroc") is not None else -entry["val_loss"]
 
 
-def _image_epoch(backbone, adapters, anchors_by_class, train: ImageSet, cfg: ImageAdapterConfig, opt, sched,
+def _epoch_plan(n: int, cfg: ImageAdapterConfig, gen: torch.Generator, world: int
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(optimizer steps: index tensors of at most batch_size * accum_steps * world samples, per-sample augmentation
+    seeds [n]). Drawn from `gen` only, so every rank (and a single process with the same effective batch) plans
+    the same epoch."""
+    order = torch.randperm(n, generator=gen)
+    seeds = torch.randint(0, 2**62, (n,), generator=gen)
+    return list(order.split(cfg.batch_size * cfg.accum_steps * world)), seeds
+
+
+def _image_epoch(backbone, model, anchors_by_class, train: ImageSet, cfg: ImageAdapterConfig, opt, sched,
                  gen: torch.Generator, amp, scaler, desc: str, progress: bool) -> dict[str, float]:
-    """One stage-2 epoch with gradient accumulation -> mean training loss and parts."""
+    """One stage-2 epoch with gradient accumulation, data-parallel when a process group is active.
+
+    `model` is the ImageAdapters, or its DistributedDataParallel wrapper. Each optimizer step covers
+    batch_size * accum_steps * world samples of one seeded permutation; rank r takes every world-th of them and
+    splits its share into micro-batches of batch_size. Every micro-batch loss (a per-sample mean) is weighted by
+    len(micro) * world / len(step), so after DDP's gradient averaging the step's gradient is the mean per-sample
+    gradient over the whole step: the same as one process with batch_size * world (up to float summation order).
+    Augmentation is seeded per sample (augment_batch seeds). Returns the mean training loss and parts over all
+    ranks.
+    """
     images, masks, labels, names = train
     device = _device(backbone)
+    rank, world = dist_rank(), dist_world()
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    adapters = model.module if ddp else model
     adapters.train()
-    batches = _batches(len(images), cfg.batch_size, gen)
+    steps, seeds = _epoch_plan(len(images), cfg, gen, world)
     sums = {"loss": 0.0, "cls": 0.0, "seg": 0.0}
     opt.zero_grad(set_to_none=True)
-    for k, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        x, m = augment_batch(images[idx], masks[idx].to(device), backbone.image_size, backbone.mean, backbone.std,
-                             gen, cfg.augment)
-        a = stack_anchors(anchors_by_class, [names[i] for i in idx]).to(device).float()
-        with amp():
-            seg, det = adapters(backbone, x)
-        loss, parts = image_stage_loss([t.float() for t in seg], det.float(), a, m, labels[idx].to(device),
-                                       backbone.grid)
-        scaler.scale(loss / cfg.accum_steps).backward()
-        if (k + 1) % cfg.accum_steps == 0 or k + 1 == len(batches):
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-        for key, v in {"loss": float(loss.detach()), **parts}.items():
-            sums[key] += v * len(idx)
-    return {key: v / len(images) for key, v in sums.items()}
+    for step in tqdm(steps, desc=desc, disable=not progress, leave=False):
+        mine = step[rank::world]
+        micro = list(mine.split(cfg.batch_size)) if len(mine) else [step[:1]]  # no share: one zero-weight pass
+        weights = [len(idx) * world / len(step) if len(mine) else 0.0 for idx in micro]
+        for k, (idx, w) in enumerate(zip(micro, weights)):
+            x, m = augment_batch(images[idx], masks[idx].to(device), backbone.image_size, backbone.mean,
+                                 backbone.std, enabled=cfg.augment, seeds=seeds[idx].tolist())
+            a = stack_anchors(anchors_by_class, [names[i] for i in idx]).to(device).float()
+            sync = contextlib.nullcontext() if (not ddp or k + 1 == len(micro)) else model.no_sync()
+            with sync:
+                with amp():
+                    seg, det = model(backbone, x)
+                loss, parts = image_stage_loss([t.float() for t in seg], det.float(), a, m, labels[idx].to(device),
+                                               backbone.grid)
+                scaler.scale(loss * w).backward()
+            if w:
+                for key, v in {"loss": float(loss.detach()), **parts}.items():
+                    sums[key] += v * len(idx)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    totals = all_reduce_sum(list(sums.values()), device)
+    return {key: v / len(images) for key, v in zip(sums, totals)}
+
+
+def _data_parallel(adapters: ImageAdapters, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around the adapters when a process group is active (it broadcasts rank 0's initial
+    weights), else the adapters themselves."""
+    if dist_world() == 1:
+        return adapters
+    ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(adapters, device_ids=ids)
 
 
 def train_image_adapters(backbone, anchors_by_class: dict[str, torch.Tensor], train: ImageSet,
@@ -270,6 +334,11 @@ def train_image_adapters(backbone, anchors_by_class: dict[str, torch.Tensor], tr
     augmentation on image and mask. With `val`, history[0] evaluates the untrained adapters and every epoch
     is evaluated; the adapters returned are those of the best epoch (pixel AUROC, or lowest val loss when the
     val masks are all normal), flagged `"selected": True`. Without `val`, the last epoch is kept.
+
+    Under torchrun (an active process group, anomaly_core.distributed.init) the adapters are wrapped in
+    DistributedDataParallel and each optimizer step covers batch_size * accum_steps * world_size samples split
+    over the ranks (see _image_epoch); every rank evaluates the whole val split (same weights, same selection)
+    and returns the same adapters and history. The caller writes files on rank 0 only.
     """
     cfg.validate("aaclip_image")
     check_image_size(cfg, backbone)
@@ -283,6 +352,8 @@ def train_image_adapters(backbone, anchors_by_class: dict[str, torch.Tensor], tr
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         adapters = ImageAdapters.for_backbone(backbone, cfg.adapt_until, cfg.adapt_weight).to(device)
+        model = _data_parallel(adapters, device)
+        torch.manual_seed(cfg.seed + dist_rank())  # per-rank global RNG (the training draws come from `gen`)
         opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr, betas=BETAS)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
         history: list[dict[str, Any]] = []
@@ -290,7 +361,7 @@ def train_image_adapters(backbone, anchors_by_class: dict[str, torch.Tensor], tr
             history.append({"epoch": 0, **evaluate_image_adapters(backbone, adapters, anchors_by_class, val, cfg)})
         best, best_state = -math.inf, None
         for epoch in range(1, cfg.epochs + 1):
-            entry = {"epoch": epoch, **_image_epoch(backbone, adapters, anchors_by_class, train, cfg, opt, sched, gen,
+            entry = {"epoch": epoch, **_image_epoch(backbone, model, anchors_by_class, train, cfg, opt, sched, gen,
                                                     amp, scaler, f"aaclip image {epoch}/{cfg.epochs}", progress),
                      "lr": opt.param_groups[0]["lr"]}
             if val is not None:

@@ -1,0 +1,89 @@
+"""Training curves with dvclive: per-epoch histories -> `{dir}/metrics.json` (last value of every metric, for
+`dvc exp show` / `dvc metrics`) and `{dir}/plots/metrics/<name>.tsv` (one row per epoch, for `dvc plots`).
+
+dvclive runs inside a DVC stage here: `Live(dir, save_dvc_exp=False, dvcyaml=None)` neither creates an
+experiment nor writes a dvc.yaml; the stage's dvc.yaml declares the files (see README "Training curves"):
+
+    metrics:
+      - metrics/train/aaclip_image/metrics.json:
+          cache: false
+    plots:
+      - metrics/train/aaclip_image/plots/metrics:
+          cache: false
+          x: step
+
+dvclive names the x column `step`; here step = the history's epoch (epoch 0 = the untrained model where the
+history has it). Several histories (one per category: CoOp, VPT) go into one directory under
+`<category>/<metric>` names.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["log_history", "log_histories", "coop_histories", "numeric_items"]
+
+History = Sequence[Mapping[str, Any]]
+
+
+def numeric_items(row: Mapping[str, Any], skip: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """(key, float) for the finite numbers of a history row (bools, None, strings and `skip` keys dropped)."""
+    out = []
+    for k, v in row.items():
+        if k in skip or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        out.append((k, float(v)))
+    return out
+
+
+def log_histories(out_dir: str | Path, histories: Mapping[str, History], step_key: str = "epoch",
+                  summary: Mapping[str, Any] | None = None) -> Path:
+    """Log {prefix: history} with dvclive into `out_dir` (emptied first, as dvclive does without resume).
+
+    history: per-epoch dicts with `step_key` (an int-valued number) and any numeric values; metric names are
+    `{prefix}/{key}` (just `key` for prefix ""); metrics.json holds the last epoch's values. A row flagged
+    `"selected": True` (the checkpoint kept) also adds `selected/epoch` and `selected/<key>` to metrics.json. `summary` ({name: number}) goes to metrics.json only (no plot). Returns `out_dir`.
+    """
+    from dvclive import Live
+
+    out_dir = Path(out_dir)
+    with Live(dir=str(out_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for prefix, history in histories.items():
+            name = (lambda k: f"{prefix}/{k}") if prefix else (lambda k: k)
+            for row in history:
+                if step_key not in row:
+                    raise ValueError(f"history row without {step_key!r}: {dict(row)}")
+                live.step = int(row[step_key])
+                for key, value in numeric_items(row, skip=(step_key,)):
+                    live.log_metric(name(key), value)
+                if row.get("selected") is True:  # the checkpoint kept: its epoch and values, metrics.json only
+                    live.log_metric(name("selected/epoch"), int(row[step_key]), plot=False)
+                    for key, value in numeric_items(row, skip=(step_key,)):
+                        live.log_metric(name(f"selected/{key}"), value, plot=False)
+        for key, value in (summary or {}).items():
+            live.log_metric(key, value, plot=False)
+    return out_dir
+
+
+def log_history(out_dir: str | Path, history: History, step_key: str = "epoch",
+                summary: Mapping[str, Any] | None = None) -> Path:
+    """One history (AA-CLIP stage 1 / stage 2) -> dvclive files in `out_dir`; see log_histories."""
+    return log_histories(out_dir, {"": history}, step_key, summary)
+
+
+def coop_histories(report: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """The CoOp report (stages/train_prompts.py `prompt_clip.json`: {category: {"history": {"loss": [...],
+    "criterion_value": [...], "criterion": name, "best_epoch", "best_value", ...}}}) -> ({category: per-epoch
+    rows `{"epoch": 1.., "loss", <criterion name>}`}, summary {category/best_epoch, category/best_value})."""
+    rows, summary = {}, {}
+    for cat, entry in report.items():
+        h = entry["history"]
+        crit = str(h.get("criterion", "criterion_value"))
+        series = {"loss": h.get("loss") or [], crit: h.get("criterion_value") or []}
+        n = max(len(v) for v in series.values())
+        rows[cat] = [{"epoch": e + 1, **{k: v[e] for k, v in series.items() if e < len(v)}} for e in range(n)]
+        for key in ("best_epoch", "best_value"):
+            if isinstance(h.get(key), (int, float)):
+                summary[f"{cat}/{key}"] = h[key]
+    return rows, summary
