@@ -333,6 +333,14 @@ class AaclipConfig:
         Checks(section).fraction(holdout_fraction=self.holdout_fraction).done()
 
 
+@dataclass
+class DistConfig:
+    nproc: int = 1   # processes for features / train_image_adapter (torchrun when > 1)
+
+    def validate(self, section: str) -> None:
+        Checks(section).positive(nproc=self.nproc).done()
+
+
 def shots_value(value: Any) -> int | str:
     """`shots`: a positive integer or 'all'."""
     if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):

@@ -63,6 +63,7 @@ def log_histories(out_dir: str | Path, histories: Mapping[str, History], step_ke
                         live.log_metric(name(f"selected/{key}"), value, plot=False)
         for key, value in (summary or {}).items():
             live.log_metric(key, value, plot=False)
+    (out_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # declared as a DVC plots dir, even empty
     return out_dir
 
 

@@ -204,7 +204,8 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
     """
     from anomaly_core.adapters.core import ImageAdapterConfig, TextAdapterConfig
     from anomaly_core.classification import ClassificationConfig
-    from anomaly_core.config import AaclipConfig, BackboneConfig, DataConfig, EvaluateConfig, FeaturesConfig
+    from anomaly_core.config import (AaclipConfig, BackboneConfig, DataConfig, DistConfig, EvaluateConfig,
+                                     FeaturesConfig)
     from anomaly_core.deploy.bundle import ExportConfig
     from anomaly_core.deploy.thresholds import ThresholdConfig
     from anomaly_core.fusion import FusionConfig
@@ -225,6 +226,7 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
         "classification": Section(ClassificationConfig),
         "export": Section(ExportConfig),
         "threshold": Section(ThresholdConfig),
+        "dist": Section(DistConfig),
     }
     methods = method_names() if methods is None else methods
     for name in method_names():  # every registered method's section, selected or not

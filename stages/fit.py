@@ -1,6 +1,7 @@
 """DVC stage `fit@<method>`: fit one method on the train shots (and val anomalies) and save its state.
 
-Writes `data/models/<method>/state/<category>.pt` and `metrics/fit/<method>.json` (training report). A method
+Writes `data/models/<method>/state/<category>.pt`, `metrics/fit/<method>.json` (training report) and its training
+curves with dvclive in `metrics/train/<method>/` (empty for a method without curves). A method
 without a fit (training-free, or trained by its own stages like AA-CLIP) leaves a marked, empty state.
 """
 from pathlib import Path
@@ -12,6 +13,7 @@ from anomaly_core.io import jsonable, write_json
 from anomaly_core.methods import get_method
 from anomaly_core.methods.base import context_for, states_path
 from anomaly_core.store import FeatureStore
+from anomaly_core.tracking import log_histories
 from stages.common import (device, friendly_errors, get, load_config, progress, seed_everything, skip_outputs,
                            skip_unless_anomaly)
 
@@ -25,16 +27,17 @@ def main(method: str = typer.Option(...),
          manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          features: Path = typer.Option(Path("data/features")),
          models: Path = typer.Option(..., help="data/models/<method>"),
-         report: Path = typer.Option(..., help="metrics/fit/<method>.json")) -> None:
+         report: Path = typer.Option(..., help="metrics/fit/<method>.json"),
+         curves: Path = typer.Option(..., help="metrics/train/<method> (dvclive)")) -> None:
     params = load_config(config)
     m = get_method(method)
     state = models / "state"
     if skip_unless_anomaly(params, files=(report,), dirs=(state,)):
-        return
+        return log_histories(curves, {})
     if m.fit is None:
         how = f"trained by the {' and '.join(m.trained_by)} stages" if m.trained_by else "no fit (training-free)"
         skip_outputs(f"{method}: {how}", files=(report,), dirs=(state,))
-        return
+        return log_histories(curves, {})
     seed_everything(int(get(params, "seed")))
     rows = mf.read_manifest(manifest)
     ctx = context_for(m, params, rows, FeatureStore(features), models, progress(), device())
@@ -42,6 +45,7 @@ def main(method: str = typer.Option(...),
     for cat, st in states.items():
         m.save(states_path(models, cat), st, ctx)
     write_json(report, jsonable(fit_report))
+    log_histories(curves, *(m.curves(fit_report) if m.curves else ({}, {})))
     typer.echo(f"fit {method}: {len(states)} categories")
 
 

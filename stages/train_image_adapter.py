@@ -9,7 +9,7 @@ from anomaly_core import distributed as dist
 from anomaly_core.backbones import backbone_from_config
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
-from anomaly_core.io import write_json
+from anomaly_core.tracking import log_history
 from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
@@ -21,10 +21,11 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          text_adapters: Path = typer.Option(Path("data/models/aaclip/text.pt")),
          config: Path = typer.Option(Path("data/config/train_image_adapter.json")),
          out: Path = typer.Option(Path("data/models/aaclip/image.pt")),
-         history: Path = typer.Option(Path("metrics/aaclip_image_history.json"))) -> None:
+         history: Path = typer.Option(Path("metrics/train/aaclip_image"), help="training curves (dvclive)")) -> None:
     params = load_config(config)
     if not params["enabled"]:
-        skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out, history))
+        skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out,))
+        log_history(history, [])
         return
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)
@@ -44,7 +45,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     if not ctx.is_main:
         return
     save_image_adapters(out, adapters, ccfg.name, selected_epoch=chosen)
-    write_json(history, [{k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in h.items()} for h in hist])
+    log_history(history, hist)
     typer.echo(f"aaclip image adapters: {len(train)} training images, {len(select)} selection images, "
                f"epoch {chosen} selected on validation, {ctx.world_size} process(es)")
 

@@ -9,7 +9,7 @@ from anomaly_core.adapters.data import second_dataset_rows, text_stage_data, tra
 from anomaly_core.backbones import backbone_from_config
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
-from anomaly_core.io import write_json
+from anomaly_core.tracking import log_history
 from anomaly_core.store import FeatureStore
 from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
 
@@ -22,10 +22,11 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          features: Path = typer.Option(Path("data/features")),
          config: Path = typer.Option(Path("data/config/train_text_adapter.json")),
          out: Path = typer.Option(Path("data/models/aaclip/text.pt")),
-         history: Path = typer.Option(Path("metrics/aaclip_text_history.json"))) -> None:
+         history: Path = typer.Option(Path("metrics/train/aaclip_text"), help="training curves (dvclive)")) -> None:
     params = load_config(config)
     if not params["enabled"]:
-        skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out, history))
+        skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out,))
+        log_history(history, [])
         return
     cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
     seed_everything(cfg.seed)
@@ -43,7 +44,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     with torch.no_grad():  # anchors for the target (and second-dataset) categories
         target_anchors = class_anchors(clip, adapters, names).cpu()
     save_text_adapters(out, adapters, target_anchors, names, ccfg.name)
-    write_json(history, [{k: round(float(v), 6) for k, v in h.items()} for h in hist])
+    log_history(history, hist)
     typer.echo(f"aaclip text adapters: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} over {cfg.epochs} epochs")
 
 

@@ -78,6 +78,8 @@ class Method:
     * `holdout`: the params key of the share of val anomalies it never trains on (the fusion chooses on rows no
       method trained on).
     * `transductive`: it reads other test images when scoring one (said in `_protocol`).
+    * `curves(report) -> ({category: [per-epoch rows with "epoch"]}, summary)`: training curves of a fit report,
+      logged with dvclive to `metrics/train/<name>/` (`dvc exp show`, `dvc plots`).
     """
 
     name: str
@@ -96,6 +98,7 @@ class Method:
     transductive: bool = False
     seeded: bool = False
     summary: str = ""
+    curves: Callable[[dict[str, Any]], tuple[dict[str, list[dict]], dict[str, float]]] | None = None
 
     def build_config(self, params: dict[str, Any]) -> Any:
         """The typed config from the (resolved) params: section `self.section` (+ top-level `seed`)."""

@@ -27,10 +27,15 @@ def score(ctx: Context, states: dict) -> Scores:
     return score_multi_prototype(ctx.store, ctx.rows, states, ctx.cfg, ctx.size, ctx.progress)
 
 
+def curves(report: dict):
+    return ({cat: [{"epoch": e + 1, "loss": v} for e, v in enumerate(r["history"]["loss"])] for cat, r in report.items()},
+            {f"{cat}/healthy": float(r["diagnostics"]["healthy"]) for cat, r in report.items()})
+
+
 METHOD = Method(
     name="multi_prototype", section="multi_prototype", config=MultiProtoConfig, role="clip", score=score, fit=fit,
     save=save, load=load, branches=fixed_branches("clip"), fit_reads=("multi_prototype", "backbones.clip"),
-    holdout="multi_prototype.holdout_fraction", seeded=True,
+    holdout="multi_prototype.holdout_fraction", seeded=True, curves=curves,
     summary="`n_pro` normal and `n_pro_ab` abnormal learnable prototypes initialised from the prompt ensemble "
             "(k-means); diagnostics (usage, collapse, separation) against the seed's healthy ranges",
 )

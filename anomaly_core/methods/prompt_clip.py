@@ -7,6 +7,7 @@ from pathlib import Path
 
 from anomaly_core.methods.base import Context, Method, fixed_branches
 from anomaly_core.methods.shared import Scores
+from anomaly_core.tracking import coop_histories
 from anomaly_core.prompts.coop import CoopConfig, load_prompt_clip, save_prompt_clip, score_prompt_clip, train_prompt_clip
 
 
@@ -29,7 +30,7 @@ def score(ctx: Context, states: dict) -> Scores:
 METHOD = Method(
     name="prompt_clip", section="prompt_clip", config=CoopConfig, role="clip", score=score, fit=fit, save=save,
     load=load, branches=fixed_branches("clip"), fit_reads=("prompt_clip", "backbones.clip"),
-    holdout="prompt_clip.holdout_fraction", seeded=True,
+    holdout="prompt_clip.holdout_fraction", seeded=True, curves=coop_histories,
     summary="CoOp: `n_ctx` learnable context vectors (shared, or per state with `class_specific`) through the frozen "
             "text encoder; early stopping on held-out val",
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 from anomaly_core.config import KnnConfig, build
 from anomaly_core.methods.base import Context, Method, branch_of
 from anomaly_core.methods.shared import Scores, knn_scores
-from anomaly_core.prompts.vpt import VptConfig, load_vpt, save_vpt, train_vpt
+from anomaly_core.prompts.vpt import VptConfig, history_records, load_vpt, save_vpt, train_vpt
 
 
 def fit(ctx: Context):
@@ -31,10 +31,15 @@ def score(ctx: Context, states: dict) -> Scores:
                       transform=lambda cat, grid: states[cat].transform(grid))
 
 
+def curves(report: dict):
+    return ({cat: history_records(h) for cat, h in report.items()},
+            {f"{cat}/best_epoch": h["best_epoch"] for cat, h in report.items() if "best_epoch" in h})
+
+
 METHOD = Method(
     name="vpt_knn", section="vpt_knn", config=VptConfig, role="visual", score=score, fit=fit, save=save, load=load,
     branches=branch_of("knn.branch"), fit_reads=("vpt_knn", "knn.branch", "knn.patch_aggregate"),
-    score_reads=("knn",), holdout="vpt_knn.holdout_fraction", seeded=True,
+    score_reads=("knn",), holdout="vpt_knn.holdout_fraction", seeded=True, curves=curves,
     summary="learnable prompt tokens modulate the kNN branch's patch descriptors (prompt-patch attention), trained "
             "for normal/defect separability on val defects; then patch kNN",
 )
