@@ -45,7 +45,8 @@ def main(method: str = typer.Option(...),
     for cat, st in states.items():
         m.save(states_path(models, cat), st, ctx)
     write_json(report, jsonable(fit_report))
-    log_histories(curves, *(m.curves(fit_report) if m.curves else ({}, {})))
+    histories, summary = m.curves(fit_report) if m.curves else ({}, {})
+    log_histories(curves, histories, summary=summary)
     typer.echo(f"fit {method}: {len(states)} categories")
 
 
