@@ -245,7 +245,7 @@ def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, knn_cfg:
         pool = split.train_anomalous
         order = stable_rng(cfg.seed, f"{KIND}/defects/{cat}").permutation(len(pool))[:cfg.num_defect_samples]
         defects = [pool[i] for i in sorted(order.tolist())]
-        grid = lambda part: patch_grid(store, knn_cfg.branch, part, knn_cfg.patch_aggregate)  # [N, h, w, D]
+        grid = lambda part: patch_grid(store, knn_cfg.branch, part, knn_cfg.patch_aggregate, knn_cfg.patch_pad)  # [N, h, w, D]
         normal = grid(split.train_normal)
         model = PromptModulator(_init_prompts(normal, cfg.num_prompts, seed), cfg.prompt_scale, cfg.learnable_scale)
         info = {"split": {**split.counts(), "defect_samples": len(defects)}}

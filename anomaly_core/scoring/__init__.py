@@ -17,13 +17,14 @@ Scores = dict[str, dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]]
 EVAL_SPLITS = ("val", "test")
 
 
-def patch_grid(store: FeatureStore, branch: str, rows: Sequence[Row], aggregate: int) -> torch.Tensor:
-    """Cached features of `rows` -> patch descriptors [N, h, w, D]."""
+def patch_grid(store: FeatureStore, branch: str, rows: Sequence[Row], aggregate: int,
+               pad: str = "exclude") -> torch.Tensor:
+    """Cached features of `rows` -> patch descriptors [N, h, w, D] (`pad`: border of the CNN aggregation)."""
     feats = store.get(branch, rows)
     levels = store.levels(feats)
     if branch == "clip":
         return clip_patches(levels, store.info["clip"]["grid"])
-    return cnn_patches(levels, aggregate)
+    return cnn_patches(levels, aggregate, pad)
 
 
 def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: int, seed: int,
@@ -32,13 +33,13 @@ def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: i
     [N, h, w, D] -> [N, h, w, D'] before the search (used by visual prompt tuning)."""
     out: Scores = {s: {} for s in EVAL_SPLITS}
     for cat in categories(rows):
-        bank_grid = patch_grid(store, cfg.branch, shot_rows(rows, cat), cfg.patch_aggregate)
+        bank_grid = patch_grid(store, cfg.branch, shot_rows(rows, cat), cfg.patch_aggregate, cfg.patch_pad)
         if transform is not None:
             bank_grid = transform(bank_grid)
         knn = PatchKnn.fit(bank_grid, cfg, seed)
         for split in EVAL_SPLITS:
             part = rows_for(rows, cat, split)
-            grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate)
+            grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate, cfg.patch_pad)
             if transform is not None:
                 grid = transform(grid)
             image, maps = knn.predict(grid, size, progress)
