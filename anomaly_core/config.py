@@ -124,7 +124,7 @@ class KnnConfig:
     branch: Literal["visual", "clip"] = "visual"
     k: int = 1
     patch_aggregate: int = 3
-    patch_pad: Literal["exclude", "zeros", "replicate"] = "exclude"
+    patch_pad: Literal["exclude", "zeros", "replicate"] = "zeros"
     image_score: Literal["max", "topk_mean", "reweight"] = "max"
     top_percent: float = 1.0
     reweight_neighbors: int = 9

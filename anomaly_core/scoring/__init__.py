@@ -18,7 +18,7 @@ EVAL_SPLITS = ("val", "test")
 
 
 def patch_grid(store: FeatureStore, branch: str, rows: Sequence[Row], aggregate: int,
-               pad: str = "exclude") -> torch.Tensor:
+               pad: str = "zeros") -> torch.Tensor:
     """Cached features of `rows` -> patch descriptors [N, h, w, D] (`pad`: border of the CNN aggregation)."""
     feats = store.get(branch, rows)
     levels = store.levels(feats)

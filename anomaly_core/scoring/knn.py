@@ -20,7 +20,7 @@ from anomaly_core.scoring.maps import image_score_from_map, to_image_maps
 BYTES = 4  # float32
 
 
-def cnn_patches(levels: list[torch.Tensor], aggregate: int = 3, pad_mode: str = "exclude") -> torch.Tensor:
+def cnn_patches(levels: list[torch.Tensor], aggregate: int = 3, pad_mode: str = "zeros") -> torch.Tensor:
     """Multi-scale CNN maps -> patch descriptors on the finest grid.
 
     levels: [N, C_j, h_j, w_j] -> [N, h, w, sum C_j]; each level is locally averaged (`aggregate` x `aggregate`,
@@ -226,7 +226,9 @@ class IvfIndex:
         self.n_lists = max(1, min(n_lists, bank.shape[0]))
         self.nprobe = max(1, min(nprobe, self.n_lists))
         self.max_memory_mb = max_memory_mb
-        self.centroids = kmeans(bank, self.n_lists, seed=seed, max_memory_mb=max_memory_mb)  # [L, D]
+        g = torch.Generator().manual_seed(seed)
+        sample = bank[torch.randperm(bank.shape[0], generator=g)[: 16 * self.n_lists]]  # k-means on <= 16 rows/list
+        self.centroids = kmeans(sample, self.n_lists, iters=8, seed=seed, max_memory_mb=max_memory_mb)  # [L, D]
         assign = knn_search(bank, self.centroids, 1, max_memory_mb)[1][:, 0]  # [M]
         order = torch.argsort(assign, stable=True)
         self.sorted_bank, self.sorted_ids = bank[order].contiguous(), order  # [M, D], [M]
@@ -318,8 +320,8 @@ class PatchKnn:
         return cls(bank, cfg, seed)
 
     def _images_per_block(self, hw: int) -> int:
-        """Images whose patches go through one search call (the search bounds memory itself)."""
-        return max(1, 4096 // max(hw, 1))
+        """Images whose patches go through one search call (`cfg.chunk` query rows; the search bounds memory)."""
+        return max(1, self.cfg.chunk // max(hw, 1))
 
     def search(self, grid: torch.Tensor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """grid [N, h, w, D] -> (squared distances [N, h*w, k], bank indices [N, h*w, k]), batched over images."""
