@@ -99,6 +99,16 @@ def greedy_coreset(bank: torch.Tensor, ratio: float, seed: int = 0, proj_dim: in
         return torch.arange(m)
     proj, g = _projection(bank, seed, proj_dim)  # [M, p]
     first = int(torch.randint(m, (1,), generator=g))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny memory-bound steps: a thread barrier per op costs more than it gains
+    try:
+        return _greedy_picks(proj, first, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_picks(proj: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """The greedy loop of `greedy_coreset`: proj [M, p], first pick -> indices [n]."""
     proj_t = proj.T.contiguous()  # [p, M]
     sq = (proj * proj).sum(1)[None]  # [1, M]
     chosen = torch.empty(n, dtype=torch.long)
