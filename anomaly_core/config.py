@@ -125,7 +125,7 @@ class KnnConfig:
     k: int = 1
     patch_aggregate: int = 3
     patch_pad: Literal["exclude", "zeros", "replicate"] = "zeros"
-    image_score: Literal["max", "topk_mean", "reweight"] = "max"
+    image_score: Literal["max", "topk_mean", "reweight"] = "reweight"
     top_percent: float = 1.0
     reweight_neighbors: int = 9
     coreset_ratio: float = 1.0
