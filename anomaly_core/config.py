@@ -276,16 +276,28 @@ class KnnConfig:
     branch: Literal["visual", "clip"] = "visual"
     k: int = 1
     patch_aggregate: int = 3
-    image_score: Literal["max", "topk_mean"] = "max"
+    patch_pad: Literal["exclude", "zeros", "replicate"] = "zeros"
+    image_score: Literal["max", "topk_mean", "reweight"] = "reweight"
     top_percent: float = 1.0
+    reweight_neighbors: int = 9
     coreset_ratio: float = 1.0
+    coreset_dim: int = 128
     sigma: float = 4.0
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
     chunk: int = 4096
+    max_memory_mb: float = 256.0
+    index: Literal["exact", "ivf"] = "exact"
+    ivf_lists: int = 0
+    ivf_nprobe: int = 8
 
     def validate(self, section: str) -> None:
-        positive(section, k=self.k, top_percent=self.top_percent, coreset_ratio=self.coreset_ratio, chunk=self.chunk)
+        positive(section, k=self.k, top_percent=self.top_percent, coreset_ratio=self.coreset_ratio, chunk=self.chunk,
+                 max_memory_mb=self.max_memory_mb, reweight_neighbors=self.reweight_neighbors,
+                 coreset_dim=self.coreset_dim, ivf_nprobe=self.ivf_nprobe)
         if self.coreset_ratio > 1:
             raise ConfigError(f"{section}.coreset_ratio={self.coreset_ratio}: must be in (0, 1]")
+        if self.ivf_lists < 0:
+            raise ConfigError(f"{section}.ivf_lists={self.ivf_lists}: 0 (automatic, 4 sqrt(M)) or a positive count")
 
 
 @dataclass

@@ -1,7 +1,12 @@
 """Benchmark: feature-extraction throughput next to the bare backbone forward, kNN scoring time, stage times.
 
-    python scripts/benchmark.py                 # micro-benchmarks on the prepared images
+    python scripts/benchmark.py                 # micro-benchmarks on the prepared images + kNN bank sweep
     python scripts/benchmark.py --stages        # also time every DVC stage (forces a re-run of each)
+    python scripts/benchmark.py --knn-only      # only the kNN bank sweep and coreset timing (no data needed)
+
+The kNN sweep scores `--queries` images of 28 x 28 patches (224 px, stride 8) x 152 dims against random banks
+of 10k / 50k / 200k patches: images/s and the peak resident-memory growth of the search (Linux VmHWM after a
+reset; the bank itself is allocated before the reset), next to the one-matrix-per-image kernel it replaced.
 
 Run from the repository root after `dvc repro` (it reads data/prepared/images.csv and params.yaml).
 """
@@ -23,7 +28,7 @@ from anomaly_core.backbones import create_backbone, preprocess  # noqa: E402
 from anomaly_core.config import BackboneConfig, KnnConfig, build  # noqa: E402
 from anomaly_core.data import manifest as mf  # noqa: E402
 from anomaly_core.features import extract_features, iter_batches  # noqa: E402
-from anomaly_core.scoring.knn import PatchKnn, cnn_patches  # noqa: E402
+from anomaly_core.scoring.knn import PatchKnn, cnn_patches, greedy_coreset, greedy_coreset_reference  # noqa: E402
 from anomaly_core.store import level_list  # noqa: E402
 
 app = typer.Typer(add_completion=False)
@@ -41,10 +46,90 @@ def bare_forward(bb, batches: list[torch.Tensor]) -> None:
         bb(preprocess(batch, bb.image_size, bb.mean, bb.std))
 
 
+def fixed_mmap_threshold() -> None:
+    """glibc: serve every allocation >= 64 KB by mmap and unmap it on free (M_MMAP_THRESHOLD = -3), so that
+    freed tensors leave the resident set and the peak-RSS growth of one call measures that call's working set."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    except OSError:
+        pass
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in bytes (0 elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS") * 1024
+    except OSError:
+        return 0
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_growth(base: int) -> float:
+    """MB the peak RSS rose above `base` since `reset_peak_rss`."""
+    return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20 if base else float("nan")
+
+
+def naive_distances(grid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The kernel PatchKnn replaced: one full [h*w, M] distance matrix per image. grid [N, h, w, D] -> [N, h, w]."""
+    bank_sq = (bank * bank).sum(1)
+    out = []
+    for x in grid:
+        q = x.reshape(-1, x.shape[-1])
+        d2 = (q * q).sum(1, keepdim=True) + bank_sq[None] - 2.0 * q @ bank.T
+        out.append(d2.min(dim=1).values.clamp_min(0).sqrt().reshape(x.shape[:2]))
+    return torch.stack(out)
+
+
+def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152, grid: int = 28) -> None:
+    """Images/s and peak memory of exact kNN scoring per bank size; coreset seconds for 10 % of 50k."""
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(n_queries, grid, grid, dim, generator=g)
+    print(f"kNN exact search, {n_queries} images x {grid * grid} patches x {dim} dims, "
+          f"k={kcfg.k}, max_memory_mb={kcfg.max_memory_mb:g}, threads {torch.get_num_threads()}")
+    for m in banks:
+        knn = PatchKnn(torch.randn(m, dim, generator=g), replace(kcfg, index="exact"))
+        knn.distances(queries[:1])  # warm-up
+        base = reset_peak_rss()
+        t, _ = timed(knn.distances, queries)
+        peak = peak_rss_growth(base)
+        line = f"   bank {m:>7}: {n_queries / t:6.2f} img/s, peak search memory +{peak:7.1f} MB"
+        if m <= 60_000:
+            base = reset_peak_rss()
+            t_naive, _ = timed(naive_distances, queries, knn.bank)
+            line += (f" | one-matrix-per-image kernel {n_queries / t_naive:6.2f} img/s, "
+                     f"+{peak_rss_growth(base):7.1f} MB (x{t_naive / t:.2f} slower)")
+        print(line, flush=True)
+    bank = torch.randn(50_176, dim, generator=g)
+    t_core, idx = timed(greedy_coreset, bank, 0.1, 0, kcfg.coreset_dim)
+    print(f"   coreset: {len(idx)} of {bank.shape[0]} x {dim} (projection {kcfg.coreset_dim}) in {t_core:.2f}s")
+    small = bank[:10_000]
+    t_fast, a = timed(greedy_coreset, small, 0.1, 0, kcfg.coreset_dim)
+    t_ref, b = timed(greedy_coreset_reference, small, 0.1, 0, kcfg.coreset_dim)
+    print(f"   coreset 10 % of 10k: {t_fast:.2f}s, one-cdist-per-pick reference {t_ref:.2f}s (x{t_ref / t_fast:.1f}), "
+          f"same picks: {bool(torch.equal(a, b))}")
+
+
 @app.command()
 def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batch_size: int = 16,
-         stages: bool = typer.Option(False, help="also time each DVC stage with `dvc repro -s -f`")) -> None:
+         stages: bool = typer.Option(False, help="also time each DVC stage with `dvc repro -s -f`"),
+         knn_only: bool = typer.Option(False, help="only the kNN bank sweep and the coreset timing"),
+         banks: str = typer.Option("10000,50000,200000", help="bank sizes of the kNN sweep (comma-separated)"),
+         queries: int = typer.Option(16, help="query images of the kNN sweep")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
+    kcfg = build(KnnConfig, params.get("knn"), "knn")
+    fixed_mmap_threshold()
+    knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries)
+    if knn_only:
+        return
     rows = mf.read_manifest(images)[:limit]
     paths = [r.image for r in rows]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(paths)} images")
@@ -61,7 +146,6 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
         print(f"{branch:>6} {cfg.name}: bare forward {len(paths) / t_bare:7.1f} img/s | "
               f"extract_features (decode+resize+forward+store) {len(paths) / t_feat:7.1f} img/s")
         if branch == "visual":
-            kcfg = build(KnnConfig, params.get("knn"), "knn")
             grid = cnn_patches(level_list(feats), kcfg.patch_aggregate)
             n_bank = max(1, len(paths) // 2)
             t_bank, knn = timed(PatchKnn.fit, grid[:n_bank], kcfg, 0)

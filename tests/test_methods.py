@@ -51,8 +51,8 @@ def test_stage_configs_hold_exactly_what_each_stage_reads():
     assert cfg["score-knn"] == {"task": "anomaly", "method": "knn", "seed": 0,
                                 "data": {"image_size": PARAMS["data"]["image_size"]}, "knn": PARAMS["knn"]}
     assert cfg["score-vpt_knn"]["knn"] == PARAMS["knn"]  # VPT scores through the kNN branch
-    assert cfg["fit-vpt_knn"]["knn"] == {"branch": PARAMS["knn"]["branch"],
-                                         "patch_aggregate": PARAMS["knn"]["patch_aggregate"]}  # not k: no retraining
+    assert cfg["fit-vpt_knn"]["knn"] == {k: PARAMS["knn"][k] for k in ("branch", "patch_aggregate", "patch_pad")}
+    # VPT trains on the kNN branch's patch grids; k, sigma, ... are not read, so they never retrain it
     assert cfg["fit-knn"] == {"task": "anomaly", "method": "knn"}  # training-free
     assert "aaclip_image" not in cfg["train_text_adapter"]  # a stage-2 change never re-runs stage 1
     assert cfg["fuse"]["roles"]["zero_shot_clip"] == "clip" and cfg["fuse"]["roles"]["knn"] == "visual"

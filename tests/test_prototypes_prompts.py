@@ -326,7 +326,7 @@ def test_entry_points_on_fake_store(fake_store, clip, tmp_path):
     _check_scores(score_prompt_clip(store, rows, {"alpha": anchors}, ccfg, SIZE), rows)
 
     vcfg, kcfg = VptConfig(epochs=3, num_defect_samples=2), KnnConfig(branch="visual", patch_aggregate=1)
-    vmodels, vreport = train_vpt(store, rows, vcfg, kcfg.branch, kcfg.patch_aggregate)
+    vmodels, vreport = train_vpt(store, rows, vcfg, kcfg.branch, kcfg.patch_aggregate, kcfg.patch_pad)
     assert vreport["alpha"]["criterion"] == "holdout_separability"
     assert vreport["alpha"]["split"]["defect_samples"] == 2
     from dataclasses import asdict

@@ -43,14 +43,15 @@ def score_splits(rows: Sequence[Row], score_part: Callable[[str, list[Row]], tup
     return out
 
 
-def patch_grid(store: FeatureStore, branch: str, rows: Sequence[Row], aggregate: int) -> torch.Tensor:
-    """Cached features of `rows` -> patch descriptors [N, h, w, D] (CNN maps locally aggregated, or
-    per-level normalised CLIP tokens)."""
+def patch_grid(store: FeatureStore, branch: str, rows: Sequence[Row], aggregate: int,
+               pad: str = "zeros") -> torch.Tensor:
+    """Cached features of `rows` -> patch descriptors [N, h, w, D] (CNN maps locally aggregated with border `pad`,
+    or per-level normalised CLIP tokens)."""
     feats = store.get(branch, rows)
     levels = store.levels(feats)
     if branch == "clip":
         return clip_patches(levels, store.info["clip"]["grid"])
-    return cnn_patches(levels, aggregate)
+    return cnn_patches(levels, aggregate, pad)
 
 
 Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (category, grid [N, h, w, D]) -> [N, h, w, D']
@@ -61,7 +62,7 @@ def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: i
     """Patch kNN of val and test images against each category's k-shot bank. `transform(category, grid)` maps
     the patch grids of bank and queries alike before the search (visual prompt tuning is such a transform)."""
     def grids(cat: str, part: Sequence[Row]) -> torch.Tensor:  # [N, h, w, D]
-        grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate)
+        grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate, cfg.patch_pad)
         return transform(cat, grid) if transform is not None else grid
 
     bank: dict[str, PatchKnn] = {}  # the current category's bank only

@@ -14,7 +14,7 @@ from anomaly_core.prompts.vpt import VptConfig, history_records, load_vpt, save_
 
 def fit(ctx: Context):
     return train_vpt(ctx.store, ctx.rows, ctx.cfg, ctx.get("knn.branch"), ctx.get("knn.patch_aggregate"),
-                     ctx.progress)
+                     ctx.get("knn.patch_pad"), ctx.progress)
 
 
 def save(path: Path, model, ctx: Context) -> None:
@@ -38,7 +38,7 @@ def curves(report: dict):
 
 METHOD = Method(
     name="vpt_knn", section="vpt_knn", config=VptConfig, role="visual", score=score, fit=fit, save=save, load=load,
-    branches=branch_of("knn.branch"), fit_reads=("vpt_knn", "knn.branch", "knn.patch_aggregate"),
+    branches=branch_of("knn.branch"), fit_reads=("vpt_knn", "knn.branch", "knn.patch_aggregate", "knn.patch_pad"),
     score_reads=("knn",), holdout="vpt_knn.holdout_fraction", seeded=True, curves=curves,
     summary="learnable prompt tokens modulate the kNN branch's patch descriptors (prompt-patch attention), trained "
             "for normal/defect separability on val defects; then patch kNN",

@@ -232,8 +232,9 @@ def _init_prompts(normal: torch.Tensor, num_prompts: int, seed: int) -> torch.Te
 
 
 def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, branch: str, aggregate: int,
-              progress: bool = False) -> tuple[dict[str, PromptModulator], dict[str, dict]]:
-    """One PromptModulator per category on the patch grids of the kNN branch (`knn.branch`, `knn.patch_aggregate`).
+              pad: str = "zeros", progress: bool = False) -> tuple[dict[str, PromptModulator], dict[str, dict]]:
+    """One PromptModulator per category on the patch grids of the kNN branch (`knn.branch`, `knn.patch_aggregate`,
+    `knn.patch_pad`).
 
     Returns ({category: model}, {category: history + "split"}). A category with < 2 shots or no val
     anomaly keeps its initial prompts (history["note"] says why)."""
@@ -244,7 +245,7 @@ def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, branch: 
         pool = split.train_anomalous
         order = stable_rng(cfg.seed, f"{KIND}/defects/{cat}").permutation(len(pool))[:cfg.num_defect_samples]
         defects = [pool[i] for i in sorted(order.tolist())]
-        grid = lambda part: patch_grid(store, branch, part, aggregate)  # [N, h, w, D]
+        grid = lambda part: patch_grid(store, branch, part, aggregate, pad)  # [N, h, w, D]
         normal = grid(split.train_normal)
         model = PromptModulator(_init_prompts(normal, cfg.num_prompts, seed), cfg.prompt_scale, cfg.learnable_scale)
         info = {"split": {**split.counts(), "defect_samples": len(defects)}}

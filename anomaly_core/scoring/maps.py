@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, h, w] -> [N, size, size] bilinear."""
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+def upsample(maps: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """[N, h, w] -> [N, size, size], `mode` bilinear (default) or nearest."""
+    align = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode=mode, **align)[:, 0]
 
 
 def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -21,9 +22,9 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return kornia.filters.gaussian_blur2d(maps[:, None], (k, k), (sigma, sigma), border_type="reflect")[:, 0]
 
 
-def to_image_maps(patch_maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Patch-grid scores [N, h, w] -> smoothed pixel maps [N, size, size]."""
-    return smooth(upsample(patch_maps, size), sigma)
+def to_image_maps(patch_maps: torch.Tensor, size: int, sigma: float, mode: str = "bilinear") -> torch.Tensor:
+    """Patch-grid scores [N, h, w] -> smoothed pixel maps [N, size, size] (`mode`: bilinear | nearest upsampling)."""
+    return smooth(upsample(patch_maps, size, mode), sigma)
 
 
 def image_score_from_map(maps: torch.Tensor, mode: str = "max", top_percent: float = 1.0) -> torch.Tensor:
