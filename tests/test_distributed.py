@@ -123,16 +123,11 @@ def test_two_process_training_equals_one_process(tmp_path):
     assert one["history"][-1]["loss"] != one["history"][1]["loss"]  # it trained
 
 
-PARAMS = """backbones:
-  clip:
-    name: anomaly-core-tiny-clip
-    pretrained: random
-    levels: [2, 4]
-    image_size: 224
-features:
-  batch_size: 3
-  dtype: float16
-"""
+FEATURES_CONFIG = {  # data/config/features.json as the validate stage writes it
+    "task": "anomaly",
+    "backbones": {"clip": {"name": "anomaly-core-tiny-clip", "pretrained": "random", "levels": [2, 4], "image_size": 224}},
+    "features": {"batch_size": 3, "dtype": "float16"},
+}
 
 
 def test_two_process_features_stage_writes_identical_bytes(tmp_path, mvtec_tree):
@@ -143,11 +138,13 @@ def test_two_process_features_stage_writes_identical_bytes(tmp_path, mvtec_tree)
 
     work = tmp_path / "work"
     work.mkdir()
-    (work / "params.yaml").write_text(PARAMS)
+    import json
+
+    (work / "features.json").write_text(json.dumps(FEATURES_CONFIG))
     mf.write_manifest(READERS["mvtec"](mvtec_tree, "all"), work / "images.csv")
     stage = str(ROOT / "stages" / "features.py")
     for nproc, out in ((1, "one"), (2, "two")):
-        _run(Path(stage), ["--images", "images.csv", "--out", out], nproc, work)
+        _run(Path(stage), ["--config", "features.json", "--images", "images.csv", "--out", out], nproc, work)
     one = sorted(p.relative_to(work / "one") for p in (work / "one").rglob("*") if p.is_file())
     two = sorted(p.relative_to(work / "two") for p in (work / "two").rglob("*") if p.is_file())
     assert one == two and len([p for p in one if p.suffix == ".safetensors"]) >= 4

@@ -46,15 +46,33 @@ class KnnGraph(nn.Module):
 
         x = (images.permute(0, 3, 1, 2) / 255.0 - self.mean) / self.std  # [B, 3, S, S]
         levels = [lvl.to(self.dtype).float() for lvl in self.backbone(x)["levels"]]
-        grid = clip_patches(levels, self.grid_side) if self.branch == "clip" else cnn_patches(levels, self.cfg.patch_aggregate)
+        cfg = self.cfg
+        grid = (clip_patches(levels, self.grid_side) if self.branch == "clip"
+                else cnn_patches(levels, cfg.patch_aggregate, cfg.patch_pad))
         b, h, w, d = grid.shape
         q = grid.reshape(b * h * w, d)  # [Q, D]
         d2 = (q * q).sum(1, keepdim=True) + self.bank_sq[None] - 2.0 * q @ self.bank.T  # [Q, M]
-        k = min(self.cfg.k, self.bank.shape[0])
-        near = d2.min(dim=1).values[:, None] if k == 1 else d2.topk(k, dim=1, largest=False).values
-        dist = near.clamp_min(0).sqrt().mean(1).reshape(b, h, w)
-        maps = to_image_maps(dist, self.size, self.cfg.sigma)
-        return image_score_from_map(maps, self.cfg.image_score, self.cfg.top_percent), maps
+        k = min(cfg.k, self.bank.shape[0])
+        near, ids = d2.topk(k, dim=1, largest=False)  # [Q, k]
+        dist = near.clamp_min(0).sqrt()  # [Q, k]
+        maps = to_image_maps(dist.mean(1).reshape(b, h, w), self.size, cfg.sigma, cfg.upsample)
+        if cfg.image_score != "reweight":
+            return image_score_from_map(maps, cfg.image_score, cfg.top_percent), maps
+        return self.reweight(dist[:, 0].reshape(b, h * w), ids[:, 0].reshape(b, h * w), q.reshape(b, h * w, d)), maps
+
+    def reweight(self, patch_d: torch.Tensor, patch_nn: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """PatchCore's image score as `scoring.knn.reweight_scores`, in one traceable graph: [B, P] x 2, [B, P, D] -> [B]."""
+        top = patch_d.argmax(1, keepdim=True)  # [B, 1]
+        s_star = patch_d.gather(1, top)[:, 0]  # [B]
+        n_b = min(self.cfg.reweight_neighbors, self.bank.shape[0])
+        if n_b <= 1:
+            return s_star
+        m_star = self.bank[patch_nn.gather(1, top)[:, 0]]  # [B, D]
+        d2 = (m_star * m_star).sum(1, keepdim=True) + self.bank_sq[None] - 2.0 * m_star @ self.bank.T  # [B, M]
+        support = d2.topk(n_b, dim=1, largest=False).indices  # [B, n_b]
+        q_star = queries.gather(1, top[:, :, None].expand(-1, 1, queries.shape[2]))[:, 0]  # [B, D]
+        dist = torch.linalg.vector_norm(q_star[:, None] - self.bank[support], dim=-1)  # [B, n_b]
+        return (1.0 - torch.softmax(dist, dim=1)[:, 0]) * s_star
 
 
 def export_bundle(bundle: str | Path, check: bool = True) -> list[str]:
