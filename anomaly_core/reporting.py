@@ -18,11 +18,12 @@ from anomaly_core.viz import save_curve_plot, save_heatmap_overlays
 
 
 def protocol(val_fraction: float, info: dict, methods: Sequence[str], transductive: Sequence[str],
-             masks: bool = True) -> dict:
+             masks: bool = True, input_warnings: Sequence[str] = ()) -> dict:
     """`_protocol` of the anomaly metrics files: the shared note, untrained backbones, the selected methods and
     which of them are transductive (they read other test images when scoring one); `masks=False` (a dataset
-    without ground-truth masks) says why the pixel metrics are absent."""
-    out = ev.protocol_note(val_fraction, [b for b, v in info.items() if v["untrained"]])
+    without ground-truth masks) says why the pixel metrics are absent; `input_warnings` are prepare's (empty
+    defect masks, categories skipped by `data.on_one_class: skip`)."""
+    out = ev.protocol_note(val_fraction, [b for b, v in info.items() if v["untrained"]], input_warnings)
     if not masks:
         out["pixel_metrics"] = ev.NO_MASKS_NOTE
     out["methods"] = list(methods)

@@ -19,6 +19,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
          scores: Path = typer.Option(Path("data/scores")),
          fused: Path = typer.Option(Path("data/fused")),
          features_info: Path = typer.Option(Path("data/features/info.json")),
+         warnings: Path = typer.Option(Path("data/prepared/warnings.json"), help="prepare's input warnings"),
          metrics: Path = typer.Option(Path("metrics")),
          reports: Path = typer.Option(Path("reports"))) -> None:
     params = load_config(config)
@@ -26,7 +27,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     size, methods, info = int(get(params, "data.image_size")), get(params, "methods"), read_json(features_info)
     rows = mf.read_manifest(manifest)
     protocol = rp.protocol(float(get(params, "data.val_fraction")), info, methods, get(params, "transductive"),
-                           masks=rp.ev.has_masks(rows))
+                           masks=rp.ev.has_masks(rows), input_warnings=read_json(warnings))
     if get(params, "task") != "anomaly":
         return rp.classification_only(protocol, metrics, reports)
     summary, per_category = rp.evaluate_methods(rows, rp.score_dirs(methods, scores, fused),

@@ -262,10 +262,15 @@ def test_demo_repro_outputs(demo_repo: Repo):
         assert (repo.root / "reports" / name).is_file(), name
     for method in METHODS + ["fusion"]:
         assert (repo.root / "metrics" / "plots" / "roc" / f"{method}.json").is_file(), method
+    # dvclive training curves: final values in `dvc exp show` / `dvc metrics show`, per-epoch rows for the plots
+    for name in ("aaclip_text", "aaclip_image", "prompt_clip", "vpt_knn", "multi_prototype"):
+        assert (repo.root / "metrics" / "train" / name / "metrics.json").is_file(), name
+        assert list((repo.root / "metrics" / "train" / name / "plots" / "metrics").rglob("*.tsv")), name
 
     shown = json.loads(repo.dvc("metrics", "show", "--json"))
     text = json.dumps(shown)
     assert "metrics/summary.json" in text and "metrics/classification.json" in text
+    assert "metrics/train/aaclip_image/metrics.json" in text
     workspace = next(iter(shown.values()))["data"]
     assert workspace["metrics/summary.json"]["data"]["knn"]["image_auroc"] == summary["knn"]["image_auroc"]
 
@@ -367,7 +372,16 @@ def test_missing_dataset_root_fails_readably(dataset_repo: Repo, tmp_path: Path)
 
 
 def test_mvtec_tree_pipeline(dataset_repo: Repo, dataset_trees: dict[str, Path]):
+    """...with one defect image whose mask is all zero: a warning naming the file, in prepare's output and in
+    every metrics file's `_protocol`; the run goes on."""
+    import numpy as np
+    from PIL import Image
+
+    mask = dataset_trees["mvtec"] / "alpha" / "ground_truth" / "dark" / "000_mask.png"
+    Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape, np.uint8)).save(mask)
     _run_dataset(dataset_repo, "mvtec", dataset_trees["mvtec"], list(MVTEC_CATEGORIES))
+    warnings = dataset_repo.json("metrics/summary.json")["_protocol"]["input_warnings"]
+    assert len(warnings) == 1 and "000_mask.png" in warnings[0] and "dark" in warnings[0], warnings
 
 
 def test_visa_tree_pipeline(dataset_repo: Repo, dataset_trees: dict[str, Path]):
