@@ -37,16 +37,26 @@ def interval_mean(dist: torch.Tensor, topmin: float) -> torch.Tensor:
 
 
 def mutual_scores(grid: torch.Tensor, topmin: float = 0.3, chunk_images: int = 16) -> torch.Tensor:
-    """MSM over a pool of unlabeled images: grid [N, h, w, D] (N >= 2) -> patch scores [N, h, w]."""
+    """MSM over a pool of unlabeled images: grid [N, h, w, D] (N >= 2) -> patch scores [N, h, w].
+
+    Each image pair's distance matrix is computed once and read both ways (rows: i's patches against j, columns:
+    j's patches against i), so the pool costs N(N-1)/2 patch-matrix products."""
     n, h, w, d = grid.shape
     if n < 2:
         raise ValueError(f"mutual scoring needs at least 2 images, got {n}")
-    flat = grid.reshape(n, h * w, d)
-    out = []
-    for i in range(n):
-        others = torch.cat([flat[:i], flat[i + 1 :]])  # [N-1, P, D]
-        out.append(interval_mean(nearest_per_image(flat[i], others, chunk_images), topmin).reshape(h, w))
-    return torch.stack(out)
+    flat = grid.reshape(n, h * w, d).float()
+    sq = (flat * flat).sum(-1)  # [N, P]
+    nearest = torch.zeros(n, h * w, n)  # [i, patch of i, j]: distance to its nearest patch in image j
+    for i in range(n - 1):
+        for s in range(i + 1, n, chunk_images):
+            o = flat[s : s + chunk_images]  # [m, P, D]
+            d2 = sq[i][:, None, None] + sq[s : s + chunk_images][None] - 2.0 * torch.einsum("pd,mqd->pmq", flat[i], o)
+            d2 = d2.clamp_min(0)  # [P, m, P]
+            nearest[i, :, s : s + o.shape[0]] = d2.amin(-1).sqrt()  # i's patches -> nearest in each j
+            nearest[s : s + o.shape[0], :, i] = d2.amin(0).sqrt()  # [m, P]: j's patches -> nearest in i
+    others = ~torch.eye(n, dtype=torch.bool)  # drop each image's distance to itself
+    per_image = nearest.permute(0, 2, 1)[others].reshape(n, n - 1, h * w).permute(0, 2, 1)  # [N, P, N-1]
+    return interval_mean(per_image, topmin).reshape(n, h, w)
 
 
 def rescore(scores: torch.Tensor, global_feats: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
