@@ -120,21 +120,20 @@ def decode_size(path: str | os.PathLike) -> tuple[int, int]:
     Raises:
         DataError: ``"cannot read image {path}: ..."``.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            w, h = im.size
-    except FileNotFoundError:
-        raise DataError(f"cannot read image {path}: file does not exist") from None
-    except _PIL_ERRORS as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
-    return int(h), int(w)
+    return _dims(path, decode=True)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image read from the file header only (cheap, no pixel decoding)."""
+    return _dims(path, decode=False)
+
+
+def _dims(path: str | os.PathLike, decode: bool) -> tuple[int, int]:
+    """(H, W) from the header, after decoding every pixel when `decode`; one DataError naming the file."""
     try:
         with Image.open(path) as im:
+            if decode:
+                im.load()
             w, h = im.size
     except FileNotFoundError:
         raise DataError(f"cannot read image {path}: file does not exist") from None
