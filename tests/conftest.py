@@ -131,6 +131,23 @@ def make_imagefolder_tree(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def with_changes(params: dict, changes: dict, sep: str = ".") -> dict:
+    """A deep copy of `params` with nested-key changes (`"a.b": value`, keys split on `sep`; None deletes)."""
+    import copy
+
+    p = copy.deepcopy(params)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(sep)
+        node = p
+        for part in parents:
+            node = node[part]
+        if value is None:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return p
+
+
 @pytest.fixture
 def mvtec_tree(tmp_path: Path) -> Path:
     """Root of a tiny MVTec-AD layout tree (categories alpha, beta)."""

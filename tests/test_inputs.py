@@ -3,7 +3,6 @@
 key / file / category and writing nothing `features` could start from."""
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from anomaly_core.data import checks, read_mvtec
 from anomaly_core.data.manifest import carve_val
 from anomaly_core.errors import ConfigError, DataError, WeightsError
 from anomaly_core.evaluation import category_metrics
-from conftest import make_mvtec_tree
+from conftest import make_mvtec_tree, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -147,17 +146,7 @@ def run_prepare(tmp_path: Path, tree: Path, debug: bool = False, **changes) -> s
     """The pipeline's first two stages as DVC runs them, in `tmp_path` on `tree` (MVTec layout) with params.yaml
     changes ('a.b': value, None deletes): stages/validate.py, then (when it passed) stages/prepare.py. Returns
     the result of the last one that ran."""
-    p = copy.deepcopy(PARAMS)
-    p["data"].update({"format": "mvtec", "root": str(tree), "categories": "all"})
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = p
-        for part in parents:
-            node = node[part]
-        if value is None:
-            del node[leaf]
-        else:
-            node[leaf] = value
+    p = with_changes(PARAMS, {"data.format": "mvtec", "data.root": str(tree), "data.categories": "all", **changes})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ANOMALY_CORE_DEBUG": "1" if debug else "0"}
     run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, env=env, capture_output=True,

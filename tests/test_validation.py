@@ -1,13 +1,13 @@
 """Strict typed configs and the whole-params validation (issue 11): every problem named, all at once."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import with_changes
 from anomaly_core.config import Checks, ConfigError, ConfigErrors, KnnConfig, build, build_errors
 from anomaly_core.validation import Schema, Section, default_schema, resolve_params, rule_same_value, validate_params
 
@@ -16,17 +16,7 @@ PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").re
 
 def params(**changes) -> dict:
     """A deep copy of the repository's params.yaml with dotted-key changes (value None deletes the key)."""
-    p = copy.deepcopy(PARAMS)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        node = p
-        for part in parents:
-            node = node[part]
-        if value is None:
-            del node[leaf]
-        else:
-            node[leaf] = value
-    return p
+    return with_changes(PARAMS, changes, sep="__")
 
 
 def test_repository_params_are_valid_and_complete():
