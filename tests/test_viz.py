@@ -40,3 +40,26 @@ def test_save_curve_plot(tmp_path):
         im.load()
     assert w > 1 and h > 1
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
+
+
+def test_overlay_pixels():
+    """The mask overlay fills the mask red with a lime contour and leaves the rest alone; the map overlay is
+    half image, half jet colour of the map scaled to [vmin, vmax] (clipped), stretched onto the image."""
+    import matplotlib
+
+    from anomaly_core.viz import map_overlay, mask_overlay
+
+    img = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True  # stretched to rows/cols 2..5 of the image
+    out = mask_overlay(img, mask)
+    assert (out[0] == 100).all() and (out[:, 7] == 100).all()
+    assert tuple(out[2, 2]) == (0, 255, 0)                       # contour
+    assert tuple(out[3, 3]) == (round(0.65 * 100 + 0.35 * 255), 65, 65)  # fill
+    amap = np.zeros((8, 8))
+    amap[0, 0], amap[7, 7] = 5.0, -5.0
+    got = map_overlay(img, amap, 0.0, 1.0)
+    jet = matplotlib.colormaps["jet"]
+    for (y, x), v in {(0, 0): 1.0, (7, 7): 0.0, (4, 4): 0.0}.items():
+        want = (0.5 * 100 + 0.5 * np.array(jet(v)[:3]) * 255).round()
+        assert np.array_equal(got[y, x], want), (y, x)

@@ -111,23 +111,14 @@ def _load(paths: Iterable[Path], size: int) -> tuple[list[np.ndarray | None], li
     return images, errors
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """uint8 [H, W, 3] image with the anomaly map [S, S] (jet, scaled to [lo, hi]) blended on top."""
-    import matplotlib
-    from PIL import Image
-
-    m = np.clip((amap - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    m = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize(image.shape[1::-1], Image.BILINEAR)) / 255.0
-    colour = matplotlib.colormaps["jet"](m)[..., :3] * 255.0
-    return (0.5 * image.astype(np.float64) + 0.5 * colour).round().clip(0, 255).astype(np.uint8)
-
-
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, category: str | None = None,
                   heatmaps: bool = False, batch_size: int = 16, engine: str = "torch",
                   progress: bool = True) -> list[dict]:
     """Score every image of `inputs` with the bundle; writes `out/predictions.csv` (CSV_COLUMNS; an unreadable
     file gets its error and empty score) and, with `heatmaps`, `out/heatmaps/<n>_<stem>.png`. Returns the rows."""
     from PIL import Image
+
+    from anomaly_core.viz import map_overlay
 
     bundle, out = Path(bundle), Path(out)
     card = read_card(bundle)
@@ -160,7 +151,7 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
                 if heatmaps:
                     m = maps[k].numpy()
                     a, b = (lo, hi) if lo is not None else (float(m.min()), float(m.max()))
-                    Image.fromarray(overlay(images[j], m, a, b)).save(
+                    Image.fromarray(map_overlay(images[j], m, a, b)).save(
                         _heatmap_path(out, start + j, p))
             rows.append(row)
         bar.update(len(chunk))

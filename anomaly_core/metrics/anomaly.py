@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (average_precision_score, confusion_matrix_at_thresholds, precision_recall_curve,
+                             roc_auc_score, roc_curve)
 
-__all__ = ["image_metrics", "pixel_metrics", "aupro", "roc_pr_curves"]
+__all__ = ["image_metrics", "pixel_metrics", "auroc_ap", "aupro", "roc_pr_curves"]
 
 # 8-connectivity structuring element for connected components of ground-truth masks.
 _STRUCTURE_8 = np.ones((3, 3), dtype=bool)
@@ -146,11 +147,20 @@ def pixel_metrics(masks, maps, max_fpr: float = 0.3, max_pixels: int | None = No
         idx = np.sort(np.random.default_rng(seed).choice(y.size, size=int(max_pixels), replace=False))
         y, s = y[idx], s[idx]
     y, s = _as_labels_scores(y, s, "pixel metrics (subsample)")
-    return {
-        "pixel_auroc": float(roc_auc_score(y, s)),
-        "pixel_ap": float(average_precision_score(y, s)),
-        "pixel_aupro": aupro(m, a, max_fpr=max_fpr),
-    }
+    auroc, ap = auroc_ap(y, s)
+    return {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_aupro": aupro(m, a, max_fpr=max_fpr)}
+
+
+def auroc_ap(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """(ROC AUC, average precision) of labels bool [N] and scores [N] from ONE sort: scikit-learn's
+    `confusion_matrix_at_thresholds` gives the counts at every distinct score; the areas are then summed as
+    `roc_auc_score` (trapezoids under the ROC) and `average_precision_score` (sum of precision x recall steps)
+    sum them. Pixel metrics sort millions of scores, and the two sklearn calls sort them twice."""
+    _, fps, _, tps, _ = confusion_matrix_at_thresholds(y, s)  # thresholds decreasing, counts increasing
+    tpr = np.concatenate([[0.0], tps / tps[-1]])
+    fpr = np.concatenate([[0.0], fps / fps[-1]])
+    precision = tps / (tps + fps)  # > 0 samples at every threshold
+    return float(np.trapezoid(tpr, fpr)), float(np.sum(np.diff(tpr) * precision))
 
 
 # --------------------------------------------------------------------------- AUPRO
