@@ -12,7 +12,7 @@ from anomaly_core.errors import ConfigError
 from anomaly_core.methods import REGISTRY, get_method, method_names, ordered
 from anomaly_core.methods.base import Method
 from anomaly_core.pipeline import stage_configs
-from anomaly_core.scoring.mutual import interval_mean, mutual_scores, nearest_per_image, rescore
+from anomaly_core.scoring.mutual import interval_mean, mutual_scores, rescore
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -94,15 +94,9 @@ def slow_mutual(grid: torch.Tensor, topmin: float) -> torch.Tensor:
 def test_mutual_scores_match_a_slow_reference(topmin):
     g = torch.Generator().manual_seed(0)
     grid = torch.randn(6, 3, 4, 5, generator=g)
-    assert torch.allclose(mutual_scores(grid, topmin, chunk_images=2).double(), slow_mutual(grid, topmin), atol=1e-4)
-
-
-def test_nearest_per_image_blocks_agree():
-    g = torch.Generator().manual_seed(1)
-    q, others = torch.randn(7, 3, generator=g), torch.randn(5, 4, 3, generator=g)
-    ref = torch.stack([torch.cdist(q, o).min(1).values for o in others], 1)
-    for chunk in (1, 2, 16):
-        assert torch.allclose(nearest_per_image(q, others, chunk), ref, atol=1e-5)
+    ref = slow_mutual(grid, topmin)
+    for chunk in (1, 2, 4, 16):  # blocks of later images, a partial last block, one block for all
+        assert torch.allclose(mutual_scores(grid, topmin, chunk_images=chunk).double(), ref, atol=1e-4), chunk
 
 
 def test_interval_mean_and_rescore_by_hand():
