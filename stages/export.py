@@ -34,6 +34,8 @@ def main(config: Path = typer.Option(Path("data/config/export.json")),
                              read_json(metrics / "summary.json"), read_json(metrics / "per_category.json"), out, metrics, models)
     for line in card["protocol"].get("threshold_warnings", []):
         typer.echo(f"warning: export: {line}", err=True)
+    if card.get("transductive"):
+        typer.echo(f"note: export: {card['method']} is transductive: predict scores the images of one call as one pool")
     typer.echo(f"export: {card['method']} (val {card['chosen_by']['metric']} "
                f"{card['val_metrics'][card['chosen_by']['metric']]:.4f}) -> {out}; thresholds ({card['threshold']['mode']}) "
                + ", ".join(f"{c}: {t['image']:.4g}" for c, t in card["thresholds"].items()))

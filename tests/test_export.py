@@ -174,11 +174,12 @@ import yaml
 from conftest import with_changes
 
 REPO = Path(__file__).resolve().parents[1]
-# one tiny demo category through the real stage code (in process, no DVC); aaclip trains 1 epoch per stage
-PIPE_METHODS = ["aaclip", "zero_shot_clip", "image_prototype", "knn", "vpt_knn", "musc"]
+# one tiny demo category through the real stage code (in process, no DVC), every method (1-3 training epochs)
+PIPE_METHODS = ["aaclip", "prompt_clip", "multi_prototype", "zero_shot_clip", "image_prototype", "knn", "vpt_knn", "musc"]
 PIPE_CHANGES = {"methods": PIPE_METHODS, "data.categories": ["brick"], "data.image_size": 64,
                 "data.demo.n_train": 6, "data.demo.n_test_good": 4, "data.demo.n_test_defect_per_type": 2,
                 "data.demo.size": 96, "aaclip_text.epochs": 1, "aaclip_image.epochs": 1, "vpt_knn.epochs": 2,
+                "prompt_clip.epochs": 2, "multi_prototype.epochs": 3,
                 "features.batch_size": 8, "evaluate.n_heatmaps": 0, "fusion.clip_method": "zero_shot_clip",
                 "fusion.visual_method": "knn"}
 
@@ -246,7 +247,8 @@ def export_as(root: Path, rows, method: str, out: Path) -> dict:
                                  out, out.parent / "metrics", Path("data/models"))
 
 
-@pytest.mark.parametrize("method", ["fusion", "zero_shot_clip", "aaclip", "image_prototype", "vpt_knn"])
+@pytest.mark.parametrize("method", ["fusion", "zero_shot_clip", "aaclip", "image_prototype", "vpt_knn", "prompt_clip",
+                                    "multi_prototype"])
 def test_every_bundle_kind_reproduces_the_pipeline_test_scores(pipeline_run, method, tmp_path):
     from anomaly_core.deploy.predict import predict_files
     from anomaly_core.store import load_scores
