@@ -441,7 +441,8 @@ def predict(model_dir: Path = typer.Argument(..., help="an exported bundle (mode
             category: Optional[str] = typer.Option(None, help="the bundle category to score against "
                                                               "(needed when it has several)"),
             heatmaps: bool = typer.Option(False, help="also write an overlay PNG per image to OUT/heatmaps"),
-            batch_size: int = typer.Option(16, help="images per forward pass"),
+            batch_size: int = typer.Option(16, help="images per forward pass (a transductive bundle, MuSc, scores "
+                                                    "all the images of one call as one pool)"),
             engine: str = typer.Option("torch", help="torch | onnx (after `anomaly-core export-onnx`)")) -> None:
     """Score images with an exported model: OUT/predictions.csv (path, category, score, is_anomalous, threshold,
     error). Needs only the bundle: no DVC repository, no dataset, no network."""

@@ -31,7 +31,7 @@ from anomaly_core.metrics import aupro, image_metrics, pixel_metrics
 
 __all__ = [
     "FusionConfig", "METRICS", "normalise_stats", "apply_norm", "mix", "val_metric", "sweep_alpha",
-    "best_on_grid", "with_endpoints", "select_clip_method", "fuse_scores",
+    "best_on_grid", "with_endpoints", "select_clip_method", "fuse_scores", "fusion_model", "apply_fusion_model",
 ]
 
 Scores = dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]
@@ -275,5 +275,29 @@ def fuse_scores(clip: dict[str, Scores], visual: dict[str, Scores], truth: Truth
         "tie_rule": TIE_RULE,
         "note": "scores standardised per category and branch with val statistics; alpha chosen on val "
                 "(mean over categories); test fused with the val statistics and alpha",
+        "stats": {"clip": stats_c, "visual": stats_v},  # the stage moves these to the fusion model file
     }
     return fused, report
+
+
+def fusion_model(report: dict) -> dict:
+    """What scoring a NEW image with the fusion needs (`data/fused/fusion/model.json`, read by `export`): the two
+    branches' methods, alpha and the per-category val standardisation statistics {branch: {category: {"image":
+    [mean, std], "map": [mean, std]}}} (full precision)."""
+    return {"clip_method": report["branches"]["clip"], "visual_method": report["branches"]["visual"],
+            "alpha": float(report["alpha"]),
+            "stats": {b: {c: {k: [float(v[0]), float(v[1])] for k, v in s.items()} for c, s in per.items()}
+                      for b, per in report["stats"].items()}}
+
+
+def apply_fusion_model(model: dict, category: str, clip: tuple[torch.Tensor, torch.Tensor],
+                       visual: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse one category's (image [N], maps [N, S, S]) of both branches as `fuse_scores` fuses test scores: each
+    branch standardised with its val statistics, then `alpha * clip + (1 - alpha) * visual`. Maps go through the
+    float16 round-trip of the score files the stage fuses (`store.save_scores`)."""
+    def norm(branch: str, image: torch.Tensor, maps: torch.Tensor) -> Scores:
+        stats = {category: {k: tuple(v) for k, v in model["stats"][branch][category].items()}}
+        return apply_norm({category: ([], image.float(), maps.half().float())}, stats)
+
+    fused = mix(norm("clip", *clip), norm("visual", *visual), float(model["alpha"]))[category]
+    return fused[1], fused[2]

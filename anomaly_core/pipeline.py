@@ -30,7 +30,8 @@ FIXED: dict[str, tuple[str, ...]] = {
     "fuse": ("task", "seed", "data.image_size", "fusion"),
     "classify": ("task", "seed", "data.val_fraction", "classification", "backbones.clip"),
     "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate"),
-    # the bundle records the backbone and kNN settings it scores with; `threshold` / `export` choose on val
+    # the bundle records the backbone and kNN settings it scores with (and, added below, every method's score
+    # params); `threshold` / `export` choose on val
     "export": ("task", "seed", "data", "features", "backbones", "knn", "export", "threshold"),
 }
 
@@ -97,6 +98,8 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         method = get_method(m)
         out[stage_name("fit", m)] = {"task": task, "method": m, **subset(params, method.reads("fit"))}
         out[stage_name("score", m)] = {"task": task, "method": m, **subset(params, method.reads("score"))}
+    # the bundle of any method carries the params its score stage reads (predict runs that same code)
+    out["export"]["score"] = {m: copy.deepcopy(out[stage_name("score", m)]) for m in methods}
     return out
 
 

@@ -1,7 +1,7 @@
 """DVC stage `export`: the method chosen on val (`export.method`, default best val `export.metric`), its
 thresholds chosen on val (`threshold`), the test metrics at those thresholds (`metrics/threshold.json`) and a
-self-contained bundle `models/export/` for `anomaly-core predict`. A method that cannot be exported yet gets a
-`model.json` that says so (one line here), never a bundle that scores wrongly."""
+self-contained bundle `models/export/` for `anomaly-core predict` (any method, or the fusion: the method's fitted
+states from `data/models`, its backbones, and the fusion's alpha and statistics from `data/fused`)."""
 from pathlib import Path
 
 import typer
@@ -21,6 +21,7 @@ def main(config: Path = typer.Option(Path("data/config/export.json")),
          scores: Path = typer.Option(Path("data/scores")),
          fused: Path = typer.Option(Path("data/fused")),
          features: Path = typer.Option(Path("data/features")),
+         models: Path = typer.Option(Path("data/models")),
          metrics: Path = typer.Option(Path("metrics")),
          out: Path = typer.Option(Path("models/export"))) -> None:
     params = load_config(config)
@@ -30,11 +31,11 @@ def main(config: Path = typer.Option(Path("data/config/export.json")),
         write_json(metrics / "threshold.json", {"skipped": "task=classification"})
         return typer.echo("export skipped: task=classification")
     card = export_experiment(params, mf.read_manifest(manifest), scores, fused, features,
-                             read_json(metrics / "summary.json"), read_json(metrics / "per_category.json"), out, metrics)
+                             read_json(metrics / "summary.json"), read_json(metrics / "per_category.json"), out, metrics, models)
     for line in card["protocol"].get("threshold_warnings", []):
         typer.echo(f"warning: export: {line}", err=True)
-    if not card["exported"]:
-        return typer.echo(f"export: {card['reason']}")
+    if card.get("transductive"):
+        typer.echo(f"note: export: {card['method']} is transductive: predict scores the images of one call as one pool")
     typer.echo(f"export: {card['method']} (val {card['chosen_by']['metric']} "
                f"{card['val_metrics'][card['chosen_by']['metric']]:.4f}) -> {out}; thresholds ({card['threshold']['mode']}) "
                + ", ".join(f"{c}: {t['image']:.4g}" for c, t in card["thresholds"].items()))

@@ -10,7 +10,7 @@ import typer
 from anomaly_core.config import build
 from anomaly_core.data import manifest as mf
 from anomaly_core.data.holdout import selection_rows
-from anomaly_core.fusion import FusionConfig, fuse_scores, select_clip_method, val_truth
+from anomaly_core.fusion import FusionConfig, fuse_scores, fusion_model, select_clip_method, val_truth
 from anomaly_core.io import write_json
 from anomaly_core.store import load_scores, save_scores
 from stages.common import friendly_errors, get, load_config
@@ -51,6 +51,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     fused, report = fuse_scores(branch(clip_method), branch(cfg.visual_method), truth, cfg, clip_method)
     for split, per_cat in fused.items():
         save_scores(out / "fusion" / f"{split}.safetensors", per_cat)
+    write_json(out / "fusion" / "model.json", fusion_model(report))  # what `export` needs to fuse new images
+    report.pop("stats")
     report["clip_candidates_val"] = clip_vals
     report["selection_rows"] = {c: len(t[0]) for c, t in truth.items()}
     write_json(metrics / "fusion.json", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()})

@@ -162,3 +162,146 @@ def test_onnx_engine_agrees_with_the_pipeline(knn_bundle, tmp_path):
         got = predict_files(bundle, [by_id[i].image for i in ids], tmp_path / "out", category=cat, batch_size=4,
                             engine="onnx", progress=False)
         np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- every method, fusion, MuSc
+
+import os
+from contextlib import contextmanager
+
+import yaml
+
+from conftest import with_changes
+
+REPO = Path(__file__).resolve().parents[1]
+# one tiny demo category through the real stage code (in process, no DVC), every method (1-3 training epochs)
+PIPE_METHODS = ["aaclip", "prompt_clip", "multi_prototype", "zero_shot_clip", "image_prototype", "knn", "vpt_knn", "musc"]
+PIPE_CHANGES = {"methods": PIPE_METHODS, "data.categories": ["brick"], "data.image_size": 64,
+                "data.demo.n_train": 6, "data.demo.n_test_good": 4, "data.demo.n_test_defect_per_type": 2,
+                "data.demo.size": 96, "aaclip_text.epochs": 1, "aaclip_image.epochs": 1, "vpt_knn.epochs": 2,
+                "prompt_clip.epochs": 2, "multi_prototype.epochs": 3,
+                "features.batch_size": 8, "evaluate.n_heatmaps": 0, "fusion.clip_method": "zero_shot_clip",
+                "fusion.visual_method": "knn"}
+
+
+@contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_stages(root: Path) -> None:
+    """validate .. fuse of `PIPE_CHANGES` in `root`, calling each stage's `main` as `dvc repro` runs it."""
+    import stages.demo_data, stages.features, stages.fit, stages.fuse, stages.prepare, stages.score  # noqa: E401
+    import stages.train_image_adapter, stages.train_text_adapter, stages.validate  # noqa: E401
+
+    params = with_changes(yaml.safe_load((REPO / "params.yaml").read_text()), PIPE_CHANGES)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    P, cfg = Path, lambda name: Path(f"data/config/{name}.json")
+    man, feats = P("data/prepared/manifest.csv"), P("data/features")
+    stages.validate.main(params_file=P("params.yaml"), out=P("data/config"))
+    stages.demo_data.main(out=P("data/demo"), config=cfg("demo_data"))
+    stages.prepare.main(demo_root=P("data/demo"), config=cfg("prepare"), out=P("data/prepared"))
+    stages.features.main(images=P("data/prepared/images.csv"), config=cfg("features"), out=feats)
+    stages.train_text_adapter.main(manifest=man, features=feats, config=cfg("train_text_adapter"),
+                                   out=P("data/models/aaclip/text.pt"), history=P("metrics/train/aaclip_text"))
+    stages.train_image_adapter.main(manifest=man, text_adapters=P("data/models/aaclip/text.pt"),
+                                    config=cfg("train_image_adapter"), out=P("data/models/aaclip/image.pt"),
+                                    history=P("metrics/train/aaclip_image"))
+    for m in PIPE_METHODS:
+        stages.fit.main(method=m, config=cfg(f"fit-{m}"), manifest=man, features=feats, models=P(f"data/models/{m}"),
+                        report=P(f"metrics/fit/{m}.json"), curves=P(f"metrics/train/{m}"))
+        stages.score.main(method=m, config=cfg(f"score-{m}"), manifest=man, features=feats,
+                          models=P(f"data/models/{m}"), out=P(f"data/scores/{m}"))
+    stages.fuse.main(manifest=man, config=cfg("fuse"), scores=P("data/scores"), out=P("data/fused"),
+                     metrics=P("metrics"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """(repo root, manifest rows) of one tiny pipeline run with every kind of bundle's methods."""
+    from anomaly_core.data import manifest as mf
+
+    root = tmp_path_factory.mktemp("pipe")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANOMALY_CORE_PROGRESS", "0")
+        mp.setenv("ANOMALY_CORE_DEVICE", "cpu")
+        with _cwd(root):
+            run_stages(root)
+    return root, mf.read_manifest(root / "data/prepared/manifest.csv")
+
+
+def export_as(root: Path, rows, method: str, out: Path) -> dict:
+    """The export stage's work with `export.method = method` (evaluate's metrics files are not needed)."""
+    from anomaly_core.deploy.export import export_experiment
+    from anomaly_core.io import read_json
+
+    params = read_json(root / "data/config/export.json")
+    params["export"]["method"] = method
+    with _cwd(root):
+        return export_experiment(params, rows, Path("data/scores"), Path("data/fused"), Path("data/features"), {}, {},
+                                 out, out.parent / "metrics", Path("data/models"))
+
+
+@pytest.mark.parametrize("method", ["fusion", "zero_shot_clip", "aaclip", "image_prototype", "vpt_knn", "prompt_clip",
+                                    "multi_prototype"])
+def test_every_bundle_kind_reproduces_the_pipeline_test_scores(pipeline_run, method, tmp_path):
+    from anomaly_core.deploy.predict import predict_files
+    from anomaly_core.store import load_scores
+
+    root, rows = pipeline_run
+    card = export_as(root, rows, method, tmp_path / "export" / "bundle")
+    assert card["exported"] and card["method"] == method
+    assert card["kind"] == ("fusion" if method == "fusion" else "method")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "export" / "bundle", elsewhere / "bundle")  # only the bundle: no data/, no DVC
+    expected = load_scores(root / ("data/fused/fusion" if method == "fusion" else f"data/scores/{method}")
+                           / "test.safetensors")
+    by_id = {r.id: r for r in rows}
+    with _cwd(elsewhere):
+        for cat, (ids, image, _) in expected.items():
+            got = predict_files("bundle", [root / by_id[i].image for i in ids], "out", category=cat, batch_size=5,
+                                progress=False)
+            assert [g["error"] for g in got] == [""] * len(ids)
+            np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-4)
+    if method == "fusion":  # the pipeline's own alpha and val statistics, and both branches' bundles
+        from anomaly_core.io import read_json
+
+        assert card["fusion"] == read_json(root / "data/fused/fusion/model.json")
+        assert card["members"]["clip"]["method"] == "zero_shot_clip" and card["members"]["visual"]["kind"] == "knn"
+
+
+def test_musc_bundle_scores_the_given_images_as_one_pool(pipeline_run, tmp_path):
+    """MuSc is transductive: `predict` scores all images it is given (per category) against each other. Given the
+    pipeline's pool (the category's val and test images), it reproduces the pipeline's test scores."""
+    from anomaly_core.data.manifest import rows_for
+    from anomaly_core.deploy.predict import predict_files
+    from anomaly_core.errors import DataError
+    from anomaly_core.store import load_scores
+
+    root, rows = pipeline_run
+    card = export_as(root, rows, "musc", tmp_path / "bundle")
+    assert card["transductive"] is True and card["kind"] == "method"
+    for cat, (ids, image, _) in load_scores(root / "data/scores/musc/test.safetensors").items():
+        pool = rows_for(rows, cat, "val") + rows_for(rows, cat, "test")
+        got = predict_files(tmp_path / "bundle", [root / r.image for r in pool], tmp_path / "out", category=cat,
+                            batch_size=2, progress=False)  # batch_size is overridden: one pool
+        by_path = {g["path"]: g["score"] for g in got}
+        want = {r.id: str(root / r.image) for r in pool}
+        np.testing.assert_allclose([by_path[want[i]] for i in ids], image.numpy(), rtol=0, atol=1e-4)
+        with pytest.raises(DataError, match="transductive"):
+            predict_files(tmp_path / "bundle", [root / pool[0].image], tmp_path / "o1", category=cat, progress=False)
+
+
+def test_export_onnx_refuses_a_non_knn_bundle_with_a_clear_error(pipeline_run, tmp_path):
+    from anomaly_core.deploy.onnx import export_bundle
+    from anomaly_core.errors import DataError
+
+    root, rows = pipeline_run
+    export_as(root, rows, "zero_shot_clip", tmp_path / "bundle")
+    with pytest.raises(DataError, match="kNN bundles only"):
+        export_bundle(tmp_path / "bundle", check=False)

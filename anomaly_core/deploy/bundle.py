@@ -1,15 +1,26 @@
 """The exported model bundle (`models/export/`): everything needed to score one image with no DVC repo, no
 dataset and no network.
 
-Layout::
+Three kinds (`kind` in `model.json`), each scored by `anomaly_core.deploy.predict`:
 
-    model.json                  card: method, kind, params, thresholds, val/test metrics, protocol, data hash
+* `knn` (method knn; the ONNX export handles it)::
+
+    model.json                      card: method, kind, params, thresholds, val/test metrics, protocol, data hash
     backbone_<branch>.safetensors   the frozen backbone's weights (rebuilt from its name, then loaded)
-    knn/<category>.safetensors  the kNN memory bank [M, D] of each category
+    knn/<category>.safetensors      the kNN memory bank [M, D] of each category
 
-`kind` says how `predict` scores: `knn` (patch kNN against the bank, `anomaly_core.deploy.predict`). A method
-that cannot be exported yet gets a card with `exported: false` and the reason (and its val thresholds), never a
-bundle that scores wrongly.
+* `method` (any other registered method): the method's own `score` runs on the new images, so a bundle scores
+  exactly as the pipeline's `score` stage::
+
+    model.json                      card + `score_params` (what the score stage reads), `features_info`
+    backbone_<branch>.safetensors   the backbones of the feature branches the method reads
+    model/                          data/models/<method>: fitted states (state/<category>.pt) and the outputs
+                                    of its training stages (AA-CLIP: text.pt, image.pt)
+    shots/<branch>/<category>.safetensors   cached features of the train shots (methods whose score builds a
+                                    memory bank from them: vpt_knn), stored in `features.dtype` with their ids
+
+* `fusion`: `clip/` and `visual/` (a bundle of each branch's method) and, in `model.json`, alpha and the
+  per-category val standardisation statistics of both branches (`fusion.fusion_model`).
 """
 from __future__ import annotations
 
@@ -26,11 +37,10 @@ from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import DataError
 from anomaly_core.io import load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["ExportConfig", "FORMAT", "EXPORTABLE", "choose_method", "data_hash", "write_knn_bundle",
-           "write_card_only", "read_card", "load_backbone", "load_bank"]
+__all__ = ["ExportConfig", "FORMAT", "choose_method", "data_hash", "write_knn_bundle", "write_method_bundle",
+           "write_fusion_bundle", "read_card", "load_backbone", "load_bank"]
 
 FORMAT = 1
-EXPORTABLE = {"knn": "patch kNN (visual or CLIP branch)"}  # methods `predict` can score from a bundle
 Metric = Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "mean"]
 
 
@@ -119,10 +129,61 @@ def write_knn_bundle(out: Path, rows: Sequence[Row], store, cfg: KnnConfig, back
     return card
 
 
-def write_card_only(out: Path, card: dict[str, Any], reason: str) -> dict:
-    """A method that cannot be exported yet: only `model.json` (exported: false, the reason, its thresholds)."""
-    card = {**card, "format": FORMAT, "exported": False, "reason": reason}
-    write_json(Path(out) / "model.json", card)
+def write_method_bundle(out: Path, method: str, rows: Sequence[Row], features: Path, models: Path,
+                        score_params: dict, backbones_raw: dict, dtype: str, size: int, card: dict[str, Any]) -> dict:
+    """Write a `method` bundle to `out` (layout in the module docstring): what `method`'s score stage reads,
+    copied (its params subset, fitted states, training-stage outputs), the backbones of its feature branches and,
+    when its score reads them, the shots' cached features. Returns the card."""
+    import shutil
+
+    from anomaly_core.methods import get_method
+    from anomaly_core.store import FeatureStore
+
+    out, m = Path(out), get_method(method)
+    branches = list(m.branches(score_params))
+    store = FeatureStore(features)
+    missing = [b for b in branches if not store.has(b)]
+    if missing:
+        raise DataError(f"{features}/info.json: no cached {missing[0]} features, which {method} reads")
+    if Path(models).is_dir():
+        shutil.copytree(models, out / "model", ignore=shutil.ignore_patterns("SKIPPED"))
+    else:
+        (out / "model").mkdir(parents=True)
+    shots = {}
+    if m.shot_features:
+        for b in branches:
+            for cat in categories(rows):
+                part = shot_rows(rows, cat)
+                feats = store.get(b, part)
+                save_tensors(out / "shots" / b / f"{cat}.safetensors",
+                             {k: v.to(getattr(torch, dtype)).contiguous() for k, v in feats.items()},
+                             {"ids": [r.id for r in part]})
+                shots[cat] = len(part)
+    card = {**card, "format": FORMAT, "exported": True, "kind": "method", "method": method, "image_size": size,
+            "features_dtype": dtype, "score_params": score_params, "transductive": m.transductive,
+            "features_info": {b: store.info[b] for b in branches},
+            "backbone": {b: _save_backbone(out, b, backbones_raw[b]) for b in branches},
+            "shots": shots, "categories": categories(rows)}
+    write_json(out / "model.json", card)
+    return card
+
+
+def write_fusion_bundle(out: Path, fusion: dict, members: dict[str, Any], card: dict[str, Any]) -> dict:
+    """Write a `fusion` bundle: `members` {"clip": writer, "visual": writer}, each a function(dir) that writes that
+    branch's bundle; `fusion`: `fusion.fusion_model` (alpha, standardisation statistics). Returns the card."""
+    out = Path(out)
+    for branch in ("clip", "visual"):
+        members[branch](out / branch)
+    sub = {b: read_json(out / b / "model.json") for b in ("clip", "visual")}
+    cats = sorted(set(sub["clip"]["categories"]) & set(sub["visual"]["categories"]))
+    absent = [c for c in cats if c not in fusion["stats"]["clip"] or c not in fusion["stats"]["visual"]]
+    if absent:
+        raise DataError(f"fusion model: no standardisation statistics for category {absent[0]}; re-run `dvc repro fuse`")
+    card = {**card, "format": FORMAT, "exported": True, "kind": "fusion", "image_size": sub["clip"]["image_size"],
+            "fusion": fusion, "members": {b: {"method": sub[b]["method"], "kind": sub[b]["kind"], "dir": b}
+                                          for b in ("clip", "visual")},
+            "transductive": any(s.get("transductive", False) for s in sub.values()), "categories": cats}
+    write_json(out / "model.json", card)
     return card
 
 

@@ -16,13 +16,15 @@ from anomaly_core import evaluation as ev
 from anomaly_core.config import KnnConfig, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.data.holdout import selection_rows
-from anomaly_core.deploy.bundle import EXPORTABLE, ExportConfig, choose_method, data_hash, write_card_only, write_knn_bundle
+from anomaly_core.deploy.bundle import (ExportConfig, choose_method, data_hash, write_fusion_bundle, write_knn_bundle,
+                                        write_method_bundle)
 from anomaly_core.deploy.thresholds import ThresholdConfig, category_thresholds, threshold_metrics
 from anomaly_core.fusion import val_truth
+from anomaly_core.errors import DataError
 from anomaly_core.io import jsonable, read_json, write_json
 from anomaly_core.store import FeatureStore, load_scores
 
-__all__ = ["candidate_dirs", "thresholds_for", "test_threshold_metrics", "export_experiment"]
+__all__ = ["candidate_dirs", "thresholds_for", "test_threshold_metrics", "export_experiment", "write_bundle"]
 
 
 def candidate_dirs(methods: Sequence[str], scores: Path, fused: Path) -> dict[str, Path]:
@@ -58,10 +60,36 @@ def test_threshold_metrics(rows: Sequence[mf.Row], test_scores: dict, thresholds
     return {"per_category": per_cat, "mean": mean}
 
 
+def write_bundle(out: Path, method: str, params: dict[str, Any], rows: Sequence[mf.Row], features: Path, models: Path,
+                 fused: Path, card: dict[str, Any]) -> dict:
+    """Write the bundle of `method` (a registered method or `fusion`) to `out`; returns its card. `params`: the
+    export stage's config (its `score` entry holds each method's score-stage params); `models`: data/models."""
+    size, seed, dtype = int(params["data"]["image_size"]), int(params["seed"]), params["features"]["dtype"]
+    if method == "fusion":
+        path = Path(fused) / "fusion" / "model.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing (written by the fuse stage); re-run `dvc repro fuse`")
+        fusion = read_json(path)
+        members = {b: (lambda d, m=fusion[f"{b}_method"]: write_bundle(d, m, params, rows, features, models, fused,
+                                                                      {"method": m}))
+                   for b in ("clip", "visual")}
+        return write_fusion_bundle(out, fusion, members, card)
+    if method == "knn":
+        kcfg = build(KnnConfig, params["knn"], "knn")
+        return write_knn_bundle(out, rows, FeatureStore(features), kcfg, params["backbones"][kcfg.branch], dtype,
+                                size, seed, card)
+    if method not in params.get("score", {}):
+        raise DataError(f"export: no score params for {method} in the export config; re-run `dvc repro validate`")
+    return write_method_bundle(out, method, rows, features, Path(models) / method, params["score"][method],
+                               params["backbones"], dtype, size, card)
+
+
 def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Path, fused: Path, features: Path,
-                      summary: dict, per_category: dict, out: Path, metrics: Path) -> dict:
+                      summary: dict, per_category: dict, out: Path, metrics: Path,
+                      models: Path = Path("data/models")) -> dict:
     """Choose, threshold, measure and write. `params`: the export stage's resolved config; `summary` /
-    `per_category`: evaluate's metrics files. Returns the card written to `out/model.json`."""
+    `per_category`: evaluate's metrics files; `models`: data/models (fitted states). Returns the card written to
+    `out/model.json`. The bundle is written next to `out` and renamed into place when complete."""
     ecfg = build(ExportConfig, params["export"], "export", strict=True)
     tcfg = build(ThresholdConfig, params["threshold"], "threshold", strict=True)
     size, seed = int(params["data"]["image_size"]), int(params["seed"])
@@ -92,12 +120,16 @@ def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Pa
             "map_range": {c: [float(np.percentile(val[method][c][2].numpy(), 1)),
                               float(np.percentile(val[method][c][2].numpy(), 99.9))] for c in thresholds}}
     card = jsonable(card, 10)
-    if Path(out).exists():
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        card = write_bundle(tmp, method, params, rows, features, models, fused, card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
         shutil.rmtree(out)
-    if method not in EXPORTABLE:
-        reason = (f"{method} cannot be exported yet (exportable: {', '.join(EXPORTABLE)}); model.json holds its "
-                  f"val thresholds and metrics only")
-        return write_card_only(out, card, reason)
-    kcfg = build(KnnConfig, params["knn"], "knn")
-    return write_knn_bundle(out, rows, FeatureStore(features), kcfg, params["backbones"][kcfg.branch],
-                            params["features"]["dtype"], size, seed, card)
+    tmp.rename(out)
+    return card

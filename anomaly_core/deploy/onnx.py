@@ -83,7 +83,8 @@ def export_bundle(bundle: str | Path, check: bool = True) -> list[str]:
     bundle = Path(bundle)
     card = read_card(bundle)
     if card["kind"] != "knn":
-        raise DataError(f"{bundle}: kind {card['kind']!r}; export-onnx handles kNN bundles")
+        raise DataError(f"{bundle}: {card['method']} bundle (kind {card['kind']!r}); export-onnx handles kNN bundles "
+                        "only (other methods and the fusion score with `predict --engine torch`)")
     predictor = KnnPredictor(bundle, card)
     lines = []
     for cat in card["categories"]:
@@ -111,6 +112,9 @@ class OnnxPredictor:
 
         self.bundle = Path(bundle)
         self.card = card or read_card(self.bundle)
+        if self.card["kind"] != "knn":
+            raise DataError(f"{self.bundle}: --engine onnx scores kNN bundles only ({self.card['method']} bundle, "
+                            f"kind {self.card['kind']!r}): use --engine torch")
         entry = next(iter(self.card["backbone"].values()))
         self.image_size = int(entry["image_size"])
         self._sessions: dict = {}
@@ -125,6 +129,8 @@ class OnnxPredictor:
             self._sessions = {category: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])}
         return self._sessions[category]
 
-    def __call__(self, images: torch.Tensor, category: str) -> tuple[torch.Tensor, torch.Tensor]:
+    transductive = False
+
+    def __call__(self, images: torch.Tensor, category: str, paths=None) -> tuple[torch.Tensor, torch.Tensor]:
         score, maps = self.session(category).run(None, {"images": images.numpy().astype(np.float32)})
         return torch.from_numpy(score), torch.from_numpy(maps)

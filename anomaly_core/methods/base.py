@@ -78,6 +78,8 @@ class Method:
     * `holdout`: the params key of the share of val anomalies it never trains on (the fusion chooses on rows no
       method trained on).
     * `transductive`: it reads other test images when scoring one (said in `_protocol`).
+    * `shot_features`: `score` reads the cached features of the train shots (kNN builds its memory bank from
+      them at score time); an exported bundle then carries those features.
     * `curves(report) -> ({category: [per-epoch rows with "epoch"]}, summary)`: training curves of a fit report,
       logged with dvclive to `metrics/train/<name>/` (`dvc exp show`, `dvc plots`).
     """
@@ -96,6 +98,7 @@ class Method:
     trained_by: tuple[str, ...] = ()
     holdout: str | None = None
     transductive: bool = False
+    shot_features: bool = False
     seeded: bool = False
     summary: str = ""
     curves: Callable[[dict[str, Any]], tuple[dict[str, list[dict]], dict[str, float]]] | None = None

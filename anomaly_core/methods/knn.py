@@ -12,6 +12,7 @@ def score(ctx: Context, states: dict) -> Scores:
 
 METHOD = Method(
     name="knn", section="knn", config=KnnConfig, role="visual", score=score, branches=branch_of("knn.branch"),
+    shot_features=True,
     summary="memory bank of the k shots' patch descriptors (CNN levels or CLIP tokens), distance to the nearest "
             "bank patches; optional greedy coreset",
 )

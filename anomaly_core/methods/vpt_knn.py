@@ -38,7 +38,7 @@ def curves(report: dict):
 
 METHOD = Method(
     name="vpt_knn", section="vpt_knn", config=VptConfig, role="visual", score=score, fit=fit, save=save, load=load,
-    branches=branch_of("knn.branch"), fit_reads=("vpt_knn", "knn.branch", "knn.patch_aggregate", "knn.patch_pad"),
+    branches=branch_of("knn.branch"), shot_features=True, fit_reads=("vpt_knn", "knn.branch", "knn.patch_aggregate", "knn.patch_pad"),
     score_reads=("knn",), holdout="vpt_knn.holdout_fraction", seeded=True, curves=curves,
     summary="learnable prompt tokens modulate the kNN branch's patch descriptors (prompt-patch attention), trained "
             "for normal/defect separability on val defects; then patch kNN",
