@@ -10,7 +10,6 @@ from PIL import Image
 from anomaly_core.data.images import image_size, load_mask
 from anomaly_core.data.manifest import Row
 from anomaly_core.errors import ConfigError, DataError
-from anomaly_core.metrics import image_metrics, pixel_metrics, roc_pr_curves
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap")
@@ -57,10 +56,12 @@ def category_metrics(labels: np.ndarray, masks: np.ndarray | None, image: np.nda
     only when `masks` is None (a dataset without ground-truth masks: pixel metrics are absent, never zeros)."""
     if not 0.0 < max_fpr <= 1.0:
         raise ConfigError(f"evaluate.max_fpr={max_fpr}: must be in (0, 1]")
+    from anomaly_core import metrics  # sklearn: imported by the stages that measure, not by every stage
+
     evaluable(labels, masks, category, split)
     if masks is None:
-        return image_metrics(labels, image)
-    return {**image_metrics(labels, image), **pixel_metrics(masks, maps, max_fpr=max_fpr)}
+        return metrics.image_metrics(labels, image)
+    return {**metrics.image_metrics(labels, image), **metrics.pixel_metrics(masks, maps, max_fpr=max_fpr)}
 
 
 def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -84,7 +85,9 @@ def rounded(d: dict, places: int = 4) -> dict:
 
 def pooled_curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, list]:
     """ROC / PR points over all categories, scores standardised per category beforehand by the caller."""
-    return roc_pr_curves(labels, scores)
+    from anomaly_core import metrics  # sklearn: imported by the stages that measure, not by every stage
+
+    return metrics.roc_pr_curves(labels, scores)
 
 
 def standardise(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:

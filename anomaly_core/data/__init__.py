@@ -3,7 +3,6 @@
 See docs/ARCHITECTURE.md for the manifest format.
 """
 
-from anomaly_core.data.demo import generate_demo
 from anomaly_core.data.images import image_size, load_image, load_mask
 from anomaly_core.data.manifest import (
     COLUMNS,
@@ -17,6 +16,17 @@ from anomaly_core.data.manifest import (
     write_manifest,
 )
 from anomaly_core.data.readers import READERS, read_imagefolder, read_mvtec, read_visa, validate_rows
+
+
+
+def __getattr__(name: str):
+    """`generate_demo` on first use: the demo generator pulls in scipy, which most stages never need."""
+    if name == "generate_demo":
+        from anomaly_core.data.demo import generate_demo
+
+        return generate_demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "COLUMNS",
