@@ -17,21 +17,20 @@ is below its best single branch is flagged (``worse_than_best_single``) and neve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, train_test_split
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from anomaly_core.calibration import fit_temperature, softmax_t
 from anomaly_core.config import Checks
-from anomaly_core.errors import ConfigError, DataError
+from anomaly_core.errors import DataError
 from anomaly_core.fusion import TIE_RULE, best_on_grid, with_endpoints
-from anomaly_core.metrics import classification_metrics
 from anomaly_core.prototypes.image_protos import class_centroids
+
+if TYPE_CHECKING:  # sklearn is imported where it is used: validate reads only this module's config
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import Pipeline
 
 __all__ = [
     "TEMPLATES", "BRANCHES", "ClassificationConfig", "ClassSplit", "class_prompts", "average_templates",
@@ -150,6 +149,10 @@ def global_pool(level) -> np.ndarray:
 
 def linear_probe(train_feats, train_labels, C: float = 1.0, seed: int = 0, max_iter: int = 2000) -> Pipeline:
     """Fit StandardScaler + LogisticRegression(class_weight='balanced') on [N, D] features and labels [N]."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     y = np.asarray(train_labels).astype(np.int64)
     if len(np.unique(y)) < 2:
         raise DataError("linear probe: the training split holds a single class")
@@ -177,6 +180,8 @@ def predict_logits(model, feats, n_classes: int) -> np.ndarray:
 
 
 def _metric(labels, probs, metric: str) -> float:
+    from anomaly_core.metrics import classification_metrics
+
     return classification_metrics(labels, probs)[metric]
 
 
@@ -202,6 +207,8 @@ class Stacker:
     """Logistic regression (class_weight='balanced') on concatenated branch probabilities [N, B*C]."""
 
     def __init__(self, C: float = 1.0, seed: int = 0, max_iter: int = 2000):
+        from sklearn.linear_model import LogisticRegression
+
         self.model = LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed)
         self.n_classes = 0
 
@@ -222,6 +229,8 @@ class Stacker:
 
 def _folds(labels: np.ndarray, k_max: int, seed: int) -> StratifiedKFold:
     """Stratified k-fold with k = min(k_max, smallest class count); DataError if a class has < 2 images."""
+    from sklearn.model_selection import StratifiedKFold
+
     counts = np.bincount(labels)
     smallest = int(counts[counts > 0].min())
     if smallest < 2:
@@ -249,6 +258,8 @@ def oof_logits(train: ClassSplit, text_embs, n_classes: int, cfg: Classification
 
 def stacker_split(labels, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (fit rows, inner-check rows) of the training split; all rows / none when a split is infeasible."""
+    from sklearn.model_selection import train_test_split
+
     y = np.asarray(labels).astype(np.int64)
     idx = np.arange(len(y))
     if holdout <= 0:
@@ -279,6 +290,8 @@ def pick_method(val_scores: dict[str, float], stacker_usable: bool) -> str:
 
 def classification_report(labels, probs_by_method: dict[str, np.ndarray], chosen: str | None = None) -> dict:
     """{method: {top1, top5, balanced_acc, macro_f1}} for labels [N] and probs [N, C]; plus ``chosen`` if given."""
+    from anomaly_core.metrics import classification_metrics
+
     report = {m: classification_metrics(labels, p) for m, p in probs_by_method.items()}
     if chosen is not None:
         report["chosen"] = dict(report[chosen])

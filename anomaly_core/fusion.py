@@ -27,7 +27,6 @@ import torch
 
 from anomaly_core.config import Checks
 from anomaly_core.errors import ConfigError, DataError
-from anomaly_core.metrics import aupro, image_metrics, pixel_metrics
 
 __all__ = [
     "FusionConfig", "METRICS", "normalise_stats", "apply_norm", "mix", "val_metric", "sweep_alpha",
@@ -141,6 +140,8 @@ def mix(clip: Scores, visual: Scores, alpha: float) -> Scores:
 def _category_metric(metric: str, labels: np.ndarray, masks: np.ndarray, image: np.ndarray, maps: np.ndarray,
                      max_fpr: float, max_pixels: int | None) -> float:
     """One category's value of ``metric`` (labels [N], masks [N,S,S], image [N], maps [N,S,S])."""
+    from anomaly_core.metrics import aupro, image_metrics, pixel_metrics  # sklearn: the stages that measure
+
     if metric in ("image_auroc", "image_ap"):
         return image_metrics(labels, image)[metric]
     if metric == "pixel_aupro":

@@ -8,14 +8,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from anomaly_core.errors import DataError, WeightsError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: JSON-only stages start without it
+    import torch
 
 CHECKPOINT_SCHEMA = 1
 META_KEY = "anomaly_core"
@@ -53,7 +55,8 @@ def jsonable(obj: Any, digits: int = 6) -> Any:
         return {str(k): jsonable(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v, digits) for v in obj]
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    if isinstance(obj, np.ndarray) or (torch is not None and isinstance(obj, torch.Tensor)):
         return jsonable(obj.tolist(), digits)
     if isinstance(obj, np.generic):
         return jsonable(obj.item(), digits)
@@ -115,6 +118,8 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 def save_checkpoint(path: str | Path, kind: str, arch: str, state: dict[str, torch.Tensor], **extra: Any) -> None:
     """Plain state_dict checkpoint with a schema version, the checkpoint kind and the architecture name."""
+    import torch
+
     payload = {"schema": CHECKPOINT_SCHEMA, "kind": kind, "arch": arch, "state_dict": state, **extra}
     buffer = io.BytesIO()  # a buffer, not the temp file: torch.save names the zip archive after the file
     torch.save(payload, buffer)
@@ -124,6 +129,8 @@ def save_checkpoint(path: str | Path, kind: str, arch: str, state: dict[str, tor
 
 def load_checkpoint(path: str | Path, kind: str, arch: str | None = None) -> dict[str, Any]:
     """Load and check a checkpoint written by `save_checkpoint`; refuse another kind, schema or architecture."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")

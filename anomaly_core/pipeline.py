@@ -94,9 +94,17 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out["export"].update(methods=methods, holdouts=out["fuse"]["holdouts"])
     if "clip" not in branches:  # classification reads the CLIP text tower only when CLIP features exist
         out["classify"].pop("backbones")
+    fcfg = section(params, "fusion")
+    clip_methods = [m for m in methods if out["fuse"]["roles"][m] == "clip"]
+    if fcfg["visual_method"] not in methods or not clip_methods:
+        out["fuse"]["skip"] = (f"needs fusion.visual_method ({fcfg['visual_method']}) and a CLIP-branch method among "
+                               f"the selected methods {methods}")
     for m in methods:
         method = get_method(m)
         out[stage_name("fit", m)] = {"task": task, "method": m, **subset(params, method.reads("fit"))}
+        if method.fit is None:  # the stage only marks its outputs (decided here, so it starts without torch)
+            how = f"trained by the {' and '.join(method.trained_by)} stages" if method.trained_by else "training-free"
+            out[stage_name("fit", m)]["skip"] = f"{m}: no fit ({how})"
         out[stage_name("score", m)] = {"task": task, "method": m, **subset(params, method.reads("score"))}
     # the bundle of any method carries the params its score stage reads (predict runs that same code)
     out["export"]["score"] = {m: copy.deepcopy(out[stage_name("score", m)]) for m in methods}

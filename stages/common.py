@@ -7,14 +7,15 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-import torch
 import yaml
 
 from anomaly_core.config import section
 from anomaly_core.errors import ConfigError, DataError, WeightsError
+
+if TYPE_CHECKING:  # torch is imported by the stages that compute, not by skipped ones
+    import torch
 
 PARAMS = Path("params.yaml")
 
@@ -48,6 +49,9 @@ def get(params: dict[str, Any], dotted: str) -> Any:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -55,6 +59,8 @@ def seed_everything(seed: int) -> None:
 
 def device() -> torch.device:
     """CUDA when present (and not disabled with ANOMALY_CORE_DEVICE=cpu), else CPU."""
+    import torch
+
     want = os.environ.get("ANOMALY_CORE_DEVICE", "")
     if want:
         return torch.device(want)

@@ -8,11 +8,6 @@ from pathlib import Path
 
 import typer
 
-from anomaly_core.data import manifest as mf
-from anomaly_core.io import jsonable, write_json
-from anomaly_core.methods import get_method
-from anomaly_core.methods.base import context_for, states_path
-from anomaly_core.store import FeatureStore
 from anomaly_core.tracking import log_histories
 from stages.common import (device, friendly_errors, get, load_config, progress, seed_everything, skip_outputs,
                            skip_unless_anomaly)
@@ -30,14 +25,19 @@ def main(method: str = typer.Option(...),
          report: Path = typer.Option(..., help="metrics/fit/<method>.json"),
          curves: Path = typer.Option(..., help="metrics/train/<method> (dvclive)")) -> None:
     params = load_config(config)
-    m = get_method(method)
     state = models / "state"
     if skip_unless_anomaly(params, files=(report,), dirs=(state,)):
         return log_histories(curves, {})
-    if m.fit is None:
-        how = f"trained by the {' and '.join(m.trained_by)} stages" if m.trained_by else "no fit (training-free)"
-        skip_outputs(f"{method}: {how}", files=(report,), dirs=(state,))
+    if params.get("skip"):  # a method without a fit: marked outputs, no torch start-up
+        skip_outputs(params["skip"], files=(report,), dirs=(state,))
         return log_histories(curves, {})
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.io import jsonable, write_json
+    from anomaly_core.methods import get_method
+    from anomaly_core.methods.base import context_for, states_path
+    from anomaly_core.store import FeatureStore
+
+    m = get_method(method)
     seed_everything(int(get(params, "seed")))
     rows = mf.read_manifest(manifest)
     ctx = context_for(m, params, rows, FeatureStore(features), models, progress(), device())

@@ -7,12 +7,7 @@ from pathlib import Path
 
 import typer
 
-from anomaly_core.config import build
-from anomaly_core.data import manifest as mf
-from anomaly_core.data.holdout import selection_rows
-from anomaly_core.fusion import FusionConfig, fuse_scores, fusion_model, select_clip_method, val_truth
 from anomaly_core.io import write_json
-from anomaly_core.store import load_scores, save_scores
 from stages.common import friendly_errors, get, load_config
 
 app = typer.Typer(add_completion=False)
@@ -35,12 +30,17 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     params = load_config(config)
     if get(params, "task") != "anomaly":
         return skip("task=classification", out, metrics)
+    if params.get("skip"):  # no visual + CLIP pair among the selected methods (decided by `validate`)
+        return skip(params["skip"], out, metrics)
+    from anomaly_core.config import build
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.data.holdout import selection_rows
+    from anomaly_core.fusion import FusionConfig, fuse_scores, fusion_model, select_clip_method, val_truth
+    from anomaly_core.store import load_scores, save_scores
+
     cfg = build(FusionConfig, get(params, "fusion"), "fusion")
     methods = get(params, "methods")
     clip_methods = [m for m in methods if get(params, "roles")[m] == "clip"]
-    if cfg.visual_method not in methods or not clip_methods:
-        return skip(f"needs fusion.visual_method ({cfg.visual_method}) and a CLIP-branch method among the selected "
-                    f"methods {methods}", out, metrics)
     size, rows = int(get(params, "data.image_size")), mf.read_manifest(manifest)
     # choose on the val rows that no method trained on (the smallest holdout every selected trained method kept)
     fraction = min(get(params, "holdouts").values(), default=0.0)

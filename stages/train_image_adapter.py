@@ -3,12 +3,6 @@ from pathlib import Path
 
 import typer
 
-from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
-from anomaly_core.adapters.data import second_dataset_rows, image_set, training_rows
-from anomaly_core import distributed as dist
-from anomaly_core.backbones import backbone_from_config
-from anomaly_core.config import build
-from anomaly_core.data import manifest as mf
 from anomaly_core.tracking import log_history
 from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
 
@@ -27,6 +21,13 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
         skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out,))
         log_history(history, [])
         return
+    from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
+    from anomaly_core.adapters.data import second_dataset_rows, image_set, training_rows
+    from anomaly_core import distributed as dist
+    from anomaly_core.backbones import backbone_from_config
+    from anomaly_core.config import build
+    from anomaly_core.data import manifest as mf
+
     cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))

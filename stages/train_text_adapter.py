@@ -1,16 +1,9 @@
 """DVC stage `train_text_adapter`: AA-CLIP stage 1 on cached frozen CLIP tokens."""
 from pathlib import Path
 
-import torch
 import typer
 
-from anomaly_core.adapters import TextAdapterConfig, class_anchors, save_text_adapters, train_text_adapters
-from anomaly_core.adapters.data import second_dataset_rows, text_stage_data, training_rows
-from anomaly_core.backbones import backbone_from_config
-from anomaly_core.config import build
-from anomaly_core.data import manifest as mf
 from anomaly_core.tracking import log_history
-from anomaly_core.store import FeatureStore
 from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
 
 app = typer.Typer(add_completion=False)
@@ -28,6 +21,15 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
         skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out,))
         log_history(history, [])
         return
+    import torch
+
+    from anomaly_core.adapters import TextAdapterConfig, class_anchors, save_text_adapters, train_text_adapters
+    from anomaly_core.adapters.data import second_dataset_rows, text_stage_data, training_rows
+    from anomaly_core.backbones import backbone_from_config
+    from anomaly_core.config import build
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.store import FeatureStore
+
     cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
     seed_everything(cfg.seed)
     size = int(get(params, "data.image_size"))

@@ -53,7 +53,9 @@ def test_stage_configs_hold_exactly_what_each_stage_reads():
     assert cfg["score-vpt_knn"]["knn"] == PARAMS["knn"]  # VPT scores through the kNN branch
     assert cfg["fit-vpt_knn"]["knn"] == {k: PARAMS["knn"][k] for k in ("branch", "patch_aggregate", "patch_pad")}
     # VPT trains on the kNN branch's patch grids; k, sigma, ... are not read, so they never retrain it
-    assert cfg["fit-knn"] == {"task": "anomaly", "method": "knn"}  # training-free
+    assert cfg["fit-knn"] == {"task": "anomaly", "method": "knn", "skip": "knn: no fit (training-free)"}
+    assert cfg["fit-aaclip"]["skip"] == "aaclip: no fit (trained by the train_text_adapter and train_image_adapter stages)"
+    assert "skip" not in cfg["fit-prompt_clip"] and "skip" not in cfg["fuse"]
     assert "aaclip_image" not in cfg["train_text_adapter"]  # a stage-2 change never re-runs stage 1
     assert cfg["fuse"]["roles"]["zero_shot_clip"] == "clip" and cfg["fuse"]["roles"]["knn"] == "visual"
     assert cfg["evaluate"]["transductive"] == ["musc"]
@@ -64,6 +66,7 @@ def test_knn_only_selection_needs_no_clip_and_disables_aaclip():
     assert list(cfg["features"]["backbones"]) == ["visual"]
     assert cfg["train_text_adapter"] == {"task": "anomaly", "enabled": False}
     assert "backbones" not in cfg["classify"]
+    assert "CLIP-branch method" in cfg["fuse"]["skip"]  # nothing to fuse: the stage starts without torch
     assert not [k for k in cfg if k.startswith(("fit-", "score-")) and not k.endswith("-knn")]
     clip_knn = stage_configs({**PARAMS, "methods": ["knn"], "knn": {**PARAMS["knn"], "branch": "clip"}})
     assert list(clip_knn["features"]["backbones"]) == ["clip"]

@@ -62,7 +62,8 @@ class TimmBackbone(nn.Module):
         full = _build(name, pretrained)
         cfg = full.pretrained_cfg or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        kwargs = {"img_size": self.image_size} if "vit" in name or "dino" in name else {}
+        self.is_vit = "vit" in name or "dino" in name
+        kwargs = {"img_size": self.image_size} if self.is_vit else {}
         try:
             self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(self.levels), **kwargs)
         except (IndexError, ValueError, AssertionError) as exc:
@@ -71,11 +72,16 @@ class TimmBackbone(nn.Module):
         if missing:
             raise WeightsError(f"{name}: features_only model lacks {len(missing)} weights, e.g. {missing[0]}")
         self.model.eval().requires_grad_(False)
+        if not self.is_vit:  # CNNs: NHWC convolutions are ~1.5x faster on CPU (oneDNN), same values to ~1e-5
+            self.model.to(memory_format=torch.channels_last)
         self.channels = list(self.model.feature_info.channels())
         self.reductions = list(self.model.feature_info.reduction())
 
     def forward(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """images [B,3,S,S] normalised -> {"levels": [B, C_j, S/r_j, S/r_j] per level}."""
+        if not self.is_vit:
+            images = images.contiguous(memory_format=torch.channels_last)
         feats = self.model(images)
         feats = [f if f.ndim == 4 else f.permute(0, 3, 1, 2) for f in feats]  # NHWC -> NCHW for some ViTs
+        feats = [f.contiguous() for f in feats]  # plain NCHW layout for the caches and the kNN
         return {"levels": list(feats)}
