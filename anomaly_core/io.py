@@ -127,13 +127,29 @@ def save_checkpoint(path: str | Path, kind: str, arch: str, state: dict[str, tor
         tmp.write_bytes(buffer.getvalue())
 
 
+SKIPPED_MARK = b"anomaly_core: skipped stage output\n"  # first bytes of a skipped stage's checkpoint path
+
+
+def write_skipped(path: str | Path, reason: str) -> None:
+    """The declared checkpoint output of a stage that had nothing to do: a short text file (no torch needed)
+    that `load_checkpoint` recognises and refuses with the reason."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(SKIPPED_MARK + reason.encode() + b"\n")
+
+
 def load_checkpoint(path: str | Path, kind: str, arch: str | None = None) -> dict[str, Any]:
-    """Load and check a checkpoint written by `save_checkpoint`; refuse another kind, schema or architecture."""
+    """Load and check a checkpoint written by `save_checkpoint`; refuse another kind, schema or architecture,
+    and a skipped stage's output (`write_skipped`)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(len(SKIPPED_MARK) + 512)
+    if head.startswith(SKIPPED_MARK):
+        reason = head[len(SKIPPED_MARK):].decode(errors="replace").strip()
+        raise WeightsError(f"{path}: the stage that writes it was skipped ({reason}); select the method and re-run")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "schema" not in obj:
         raise WeightsError(f"{path}: not an anomaly_core checkpoint (no schema version); re-train it with this version")

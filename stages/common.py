@@ -25,6 +25,28 @@ if os.environ.get("ANOMALY_CORE_ONLINE") != "1":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def tune_malloc() -> bool:
+    """glibc: keep freed tensor memory in the heap instead of returning it to the OS after every batch.
+
+    By default each large tensor is an mmap that is unmapped on free, and the next batch faults its pages in
+    again: the features stage spent 6.7 s of 15 s in the kernel on a 520-image tree. Serving allocations up
+    to 64 MB from the heap (M_MMAP_THRESHOLD), trimming only above 1 GB (M_TRIM_THRESHOLD) and growing by
+    256 MB (M_TOP_PAD): 11 s, 0.8 s in the kernel. Values are unchanged; no effect off glibc or with
+    ANOMALY_CORE_MALLOC=default."""
+    if os.environ.get("ANOMALY_CORE_MALLOC") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(opt, value) == 1 for opt, value in ((-3, 64 << 20), (-1, 1 << 30), (-2, 256 << 20)))
+    except (OSError, AttributeError):
+        return False
+
+
+tune_malloc()  # every stage imports this module first, before torch allocates anything
+
+
 def load_params(path: Path = PARAMS) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"missing {path} (run stages from the repository root)")
@@ -114,7 +136,7 @@ def friendly_errors(fn: Callable) -> Callable:
 def skip_outputs(reason: str, files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> None:
     """A stage with nothing to do (a method not selected, task=classification) leaves empty, clearly marked
     outputs, so DVC's declared outputs exist."""
-    from anomaly_core.io import save_checkpoint, write_json
+    from anomaly_core.io import write_json, write_skipped
 
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
@@ -123,7 +145,7 @@ def skip_outputs(reason: str, files: tuple[Path, ...] = (), dirs: tuple[Path, ..
         if f.suffix == ".json":
             write_json(f, [])
         else:
-            save_checkpoint(f, "skipped", "none", {}, note=reason)
+            write_skipped(f, reason)
     print(f"skipped: {reason}")
 
 

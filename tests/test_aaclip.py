@@ -294,6 +294,11 @@ def test_checkpoint_round_trip_and_refusals(tiny, tmp_path):
     two_levels = create_backbone(TINY, None, [2, 4])
     with pytest.raises(WeightsError, match="levels"):
         A.load_image_adapters(tmp_path / "image.pt", two_levels, TINY)
+    from anomaly_core.io import write_skipped  # a skipped stage's output is refused with its reason
+
+    write_skipped(tmp_path / "skipped.pt", "method aaclip not selected (params.yaml: methods)")
+    with pytest.raises(WeightsError, match="skipped .method aaclip not selected"):
+        A.load_text_adapters(tmp_path / "skipped.pt", tiny, TINY)
 
 
 # ------------------------------------------------------------------------------------------ ViT-L shapes
