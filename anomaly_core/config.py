@@ -286,7 +286,7 @@ class KnnConfig:
     upsample: Literal["bilinear", "nearest"] = "bilinear"
     chunk: int = 4096
     max_memory_mb: float = 256.0
-    index: Literal["exact", "ivf"] = "exact"
+    index: Literal["exact", "faiss", "ivf"] = "exact"
     ivf_lists: int = 0
     ivf_nprobe: int = 8
 
@@ -298,6 +298,12 @@ class KnnConfig:
             raise ConfigError(f"{section}.coreset_ratio={self.coreset_ratio}: must be in (0, 1]")
         if self.ivf_lists < 0:
             raise ConfigError(f"{section}.ivf_lists={self.ivf_lists}: 0 (automatic, 4 sqrt(M)) or a positive count")
+        if self.index == "faiss":
+            import importlib.util
+
+            if importlib.util.find_spec("faiss") is None:
+                raise ConfigError(f"{section}.index=faiss needs the faiss-cpu package: pip install 'anomaly_core[faiss]' "
+                                  f"(or {section}.index=exact, the same neighbours with torch)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ Run from the repository root after `dvc repro` (it reads data/prepared/images.cs
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -102,6 +103,12 @@ def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152,
         t, _ = timed(knn.distances, queries)
         peak = peak_rss_growth(base)
         line = f"   bank {m:>7}: {n_queries / t:6.2f} img/s, peak search memory +{peak:7.1f} MB"
+        if importlib.util.find_spec("faiss") is not None:  # knn.index: faiss (optional extra), same neighbours
+            fknn = PatchKnn(knn.bank, replace(kcfg, index="faiss"))
+            fknn.distances(queries[:1])
+            base = reset_peak_rss()
+            t_faiss, _ = timed(fknn.distances, queries)
+            line += f" | faiss IndexFlatL2 {n_queries / t_faiss:6.2f} img/s, +{peak_rss_growth(base):7.1f} MB"
         if m <= 60_000:
             base = reset_peak_rss()
             t_naive, _ = timed(naive_distances, queries, knn.bank)

@@ -141,3 +141,32 @@ def test_cnn_patches_padding_modes() -> None:
     assert torch.allclose(inner, torch.ones_like(inner)) and torch.allclose(rep, torch.ones_like(rep))
     assert float(zeros[0, 0, 0, 0]) == pytest.approx(4 / 9) and float(zeros[0, 0, 1, 0]) == pytest.approx(6 / 9)
     assert float(zeros[0, 1, 1, 0]) == pytest.approx(1.0)
+
+
+def test_faiss_index_same_neighbours_and_scores_as_torch() -> None:
+    """`knn.index: faiss` (optional faiss-cpu) finds the same neighbours as the torch kernel and cdist, and a
+    PatchKnn with it predicts the same scores; without faiss the config names the extra to install."""
+    pytest.importorskip("faiss", reason="faiss-cpu is the optional [faiss] extra (CI installs it)")
+    from anomaly_core.scoring.knn import FaissFlat
+
+    queries, bank = _data(57, 403, 9, seed=3)
+    d2, idx = FaissFlat(bank).search(queries, 4)
+    ref_d, ref_i = torch.cdist(queries.double(), bank.double()).topk(4, dim=1, largest=False)
+    torch.testing.assert_close(d2.double().sqrt(), ref_d, atol=1e-4, rtol=1e-4)
+    assert torch.equal(idx, ref_i)
+    g = torch.Generator().manual_seed(1)
+    normal, test = torch.randn(4, 5, 5, 6, generator=g), torch.randn(3, 5, 5, 6, generator=g) * 1.5
+    for raw in ({"sigma": 0.0}, {"sigma": 0.0, "image_score": "reweight", "k": 3}):
+        exact = PatchKnn.fit(normal, build(KnnConfig, raw, "knn")).predict(test, 10)
+        fast = PatchKnn.fit(normal, build(KnnConfig, {**raw, "index": "faiss"}, "knn")).predict(test, 10)
+        for a, b in zip(exact, fast):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_faiss_index_without_faiss_names_the_extra(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"knn.index=faiss needs the faiss-cpu package: pip install 'anomaly_core\[faiss\]'"):
+        build(KnnConfig, {"index": "faiss"}, "knn")
