@@ -93,9 +93,15 @@ def _save_backbone(out: Path, branch: str, raw: dict) -> dict:
 def load_backbone(bundle: Path, entry: dict):
     """The frozen backbone of a card's backbone `entry`: built untrained from its name (no download), then the
     bundle's weights loaded strictly."""
+    import logging
+
     from anomaly_core.backbones import create_backbone
 
-    bb = create_backbone(entry["name"], "random", entry["levels"], entry["image_size"])
+    logging.disable(logging.WARNING)  # open_clip's "No pretrained weights loaded": the bundle's weights come next
+    try:
+        bb = create_backbone(entry["name"], "random", entry["levels"], entry["image_size"])
+    finally:
+        logging.disable(logging.NOTSET)
     state, _ = load_tensors(Path(bundle) / entry["weights"])
     bb.load_state_dict(state, strict=True)
     bb.mean, bb.std = tuple(entry["mean"]), tuple(entry["std"])
