@@ -21,12 +21,15 @@ def load_resized(path: str, size: int) -> np.ndarray:
     return img
 
 
+def load_batch(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Decode and resize images -> uint8 [N, size, size, 3] (the features stage's, predict's and AA-CLIP's reader)."""
+    return torch.from_numpy(np.stack([load_resized(str(p), size) for p in paths]))
+
+
 def iter_batches(paths: Sequence[str], size: int, batch_size: int) -> Iterator[torch.Tensor]:
     """Yield uint8 batches [B, size, size, 3]; decoding runs one batch ahead in a thread."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-
-    def load(chunk: Sequence[str]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([load_resized(p, size) for p in chunk]))
+    load = lambda chunk: load_batch(chunk, size)  # noqa: E731
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
@@ -46,14 +49,22 @@ def extract_features(backbone, paths: Sequence[str], batch_size: int = 16, dtype
     out: dict[str, list[torch.Tensor]] = {}
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     for batch in iter_batches(paths, backbone.image_size, batch_size):
-        feats = backbone(preprocess(batch, backbone.image_size, backbone.mean, backbone.std))
-        for j, level in enumerate(feats["levels"]):
-            out.setdefault(f"level_{j}", []).append(level.to(dtype))
-        if "global" in feats:
-            out.setdefault("global", []).append(feats["global"].to(dtype))
+        for key, value in encode_batch(backbone, batch, dtype).items():
+            out.setdefault(key, []).append(value)
         bar.update(len(batch))
     bar.close()
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def encode_batch(backbone, images: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """uint8 images [B, S, S, 3] -> {"level_j": [B, ...]} (+ {"global": [B, E]} for CLIP) in `dtype`: what the
+    features stage caches per image (predict encodes new images with it, so they match the cache)."""
+    feats = backbone(preprocess(images, backbone.image_size, backbone.mean, backbone.std))
+    out = {f"level_{j}": level.to(dtype) for j, level in enumerate(feats["levels"])}
+    if "global" in feats:
+        out["global"] = feats["global"].to(dtype)
+    return out
 
 
 @torch.no_grad()

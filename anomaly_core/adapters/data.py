@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from anomaly_core.data.holdout import split_holdout
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.evaluation import masks_for
-from anomaly_core.features import extract_features, load_resized
+from anomaly_core.features import extract_features, load_batch
 from anomaly_core.store import FeatureStore, level_list
 
 ImageSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
@@ -32,7 +31,7 @@ def training_rows(rows: Sequence[Row], seed: int, holdout_fraction: float) -> tu
 
 def load_images(rows: Sequence[Row], size: int) -> torch.Tensor:
     """uint8 [N, size, size, 3]."""
-    return torch.from_numpy(np.stack([load_resized(r.image, size) for r in rows]))
+    return load_batch([r.image for r in rows], size)
 
 
 def image_set(rows: Sequence[Row], image_size: int, mask_size: int) -> ImageSet:

@@ -17,7 +17,6 @@ image passed to one `predict` call of a category as one unlabeled pool: its scor
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -56,23 +55,21 @@ class KnnPredictor:
 
     def bank(self, category: str) -> torch.Tensor:
         if category not in self._banks:
-            if category not in self.card["categories"]:
-                raise DataError(f"category {category!r} is not in the bundle (has {', '.join(self.card['categories'])})")
+            require_category(self.card, category)
             self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
         return self._banks[category]
 
     @torch.no_grad()
     def grid(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] -> patch descriptors [B, h, w, D], exactly as the pipeline computes them."""
-        from anomaly_core.backbones import preprocess
+        from anomaly_core.features import encode_batch
         from anomaly_core.scoring.knn import clip_patches, cnn_patches
+        from anomaly_core.store import level_list
 
-        bb = self.backbone
-        feats = bb(preprocess(images, bb.image_size, bb.mean, bb.std))
-        levels = [lvl.to(self.dtype).float() for lvl in feats["levels"]]  # the feature cache round-trip
+        levels = [lvl.float() for lvl in level_list(encode_batch(self.backbone, images, self.dtype))]  # cache round-trip
         if self.branch == "clip":
             return clip_patches(levels, self.grid_side)
-        return cnn_patches(levels, self.cfg.patch_aggregate)
+        return cnn_patches(levels, self.cfg.patch_aggregate, self.cfg.patch_pad)
 
     transductive = False
 
@@ -108,10 +105,8 @@ class BatchStore:
     def has(self, branch: str) -> bool:
         return branch in self.info
 
-    @torch.no_grad()
     def _extract(self, branch: str) -> dict[str, torch.Tensor]:
-        from anomaly_core.backbones import preprocess
-        from anomaly_core.features import load_resized
+        from anomaly_core.features import encode_batch, load_batch
 
         if branch not in self._new:
             if branch not in self.backbones:
@@ -119,12 +114,8 @@ class BatchStore:
             bb = self.backbones[branch]
             images = self._images
             if bb.image_size != self._size:  # decoded at another branch's size: decode again, as the features stage
-                images = torch.from_numpy(np.stack([load_resized(p, bb.image_size) for p in self._paths]))
-            feats = bb(preprocess(images, bb.image_size, bb.mean, bb.std))
-            out = {f"level_{j}": lvl.to(self.dtype) for j, lvl in enumerate(feats["levels"])}
-            if "global" in feats:
-                out["global"] = feats["global"].to(self.dtype)
-            self._new[branch] = out
+                images = load_batch(self._paths, bb.image_size)
+            self._new[branch] = encode_batch(bb, images, self.dtype)
         return self._new[branch]
 
     def get(self, branch: str, rows) -> dict[str, torch.Tensor]:
@@ -179,8 +170,7 @@ class MethodPredictor:
 
         if self._category == category:
             return
-        if category not in self.card["categories"]:
-            raise DataError(f"category {category!r} is not in the bundle (has {', '.join(self.card['categories'])})")
+        require_category(self.card, category)
         shots, ids = {}, []
         for branch in self.card["backbone"]:
             path = self.bundle / "shots" / branch / f"{category}.safetensors"
@@ -227,14 +217,14 @@ class FusionPredictor:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, category: str, paths: Sequence[str] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        from anomaly_core.features import load_resized
+        from anomaly_core.features import load_batch
         from anomaly_core.fusion import apply_fusion_model
 
         out = {}
         for branch, model in self.members.items():
             batch = images
             if model.image_size != images.shape[1]:
-                batch = torch.from_numpy(np.stack([load_resized(str(p), model.image_size) for p in paths]))
+                batch = load_batch(paths, model.image_size)
             out[branch] = model(batch, category, paths)
         return apply_fusion_model(self.card["fusion"], category, out["clip"], out["visual"])
 
@@ -262,6 +252,12 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     if not out:
         raise DataError(f"no image files in {', '.join(map(str, inputs))}")
     return out
+
+
+def require_category(card: dict, category: str) -> None:
+    """A DataError listing the bundle's categories when `category` is not one of them."""
+    if category not in card["categories"]:
+        raise DataError(f"category {category!r} is not in the bundle (has {', '.join(card['categories'])})")
 
 
 def resolve_category(card: dict, category: str | None) -> str:

@@ -65,16 +65,16 @@ def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: i
         grid = patch_grid(store, cfg.branch, part, cfg.patch_aggregate, cfg.patch_pad)
         return transform(cat, grid) if transform is not None else grid
 
-    bank: dict[str, PatchKnn] = {}  # the current category's bank only (all coreset banks: they are small)
-    if cfg.coreset_ratio < 1.0:  # the coreset selections of the categories run concurrently
-        bank.update(PatchKnn.fit_each({c: (lambda c=c: grids(c, shot_rows(rows, c))) for c in categories(rows)},
-                                      cfg, seed))
+    # one bank per category, in score_splits' category order: built lazily one at a time, or with a coreset all
+    # selections concurrently (see PatchKnn.fit_each)
+    banks = PatchKnn.fit_each({c: (lambda c=c: grids(c, shot_rows(rows, c))) for c in categories(rows)}, cfg, seed)
+    bank: dict[str, PatchKnn] = {}  # the current category's bank only
 
     def prepare(cat: str) -> None:
-        if cfg.coreset_ratio < 1.0:
-            return
+        name, knn = next(banks)
+        assert name == cat, (name, cat)
         bank.clear()
-        bank[cat] = PatchKnn.fit(grids(cat, shot_rows(rows, cat)), cfg, seed)
+        bank[cat] = knn
 
     return score_splits(rows, lambda cat, part: bank[cat].predict(grids(cat, part), size, progress), prepare)
 
