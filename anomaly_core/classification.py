@@ -26,7 +26,7 @@ from anomaly_core.calibration import fit_temperature, softmax_t
 from anomaly_core.config import Checks
 from anomaly_core.errors import DataError
 from anomaly_core.fusion import TIE_RULE, best_on_grid, with_endpoints
-from anomaly_core.prototypes.image_protos import class_centroids
+from anomaly_core.kit.prototypes import class_centroids
 
 if TYPE_CHECKING:  # sklearn is imported where it is used: validate reads only this module's config
     from sklearn.model_selection import StratifiedKFold
@@ -124,7 +124,7 @@ def clip_zero_shot_logits(text_embs, image_embs, scale: float = 100.0) -> np.nda
 def prototype_logits(train_embs, train_labels, image_embs, n_classes: int, temperature: float = 0.01) -> np.ndarray:
     """``cos(image, class centroid) / temperature`` [N, C]; classes without training images get a very low logit.
 
-    Centroids come from ``anomaly_core.prototypes.image_protos.class_centroids`` (normalised mean of the normalised
+    Centroids come from ``anomaly_core.kit.prototypes.class_centroids`` (normalised mean of the normalised
     shot embeddings). ``softmax`` of these logits is ``image_protos.classify``; logits are returned instead of its
     float32 probabilities because at temperature 0.01 those underflow to 0 (log -> -inf), which temperature scaling
     and the stacker cannot use.

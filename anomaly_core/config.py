@@ -272,83 +272,12 @@ class FeaturesConfig:
 
 
 @dataclass
-class KnnConfig:
-    branch: Literal["visual", "clip"] = "visual"
-    k: int = 1
-    patch_aggregate: int = 3
-    patch_pad: Literal["exclude", "zeros", "replicate"] = "zeros"
-    image_score: Literal["max", "topk_mean", "reweight"] = "reweight"
-    top_percent: float = 1.0
-    reweight_neighbors: int = 9
-    coreset_ratio: float = 1.0
-    coreset_dim: int = 128
-    sigma: float = 4.0
-    upsample: Literal["bilinear", "nearest"] = "bilinear"
-    chunk: int = 4096
-    max_memory_mb: float = 256.0
-    index: Literal["exact", "faiss", "ivf"] = "exact"
-    ivf_lists: int = 0
-    ivf_nprobe: int = 8
-
-    def validate(self, section: str) -> None:
-        positive(section, k=self.k, top_percent=self.top_percent, coreset_ratio=self.coreset_ratio, chunk=self.chunk,
-                 max_memory_mb=self.max_memory_mb, reweight_neighbors=self.reweight_neighbors,
-                 coreset_dim=self.coreset_dim, ivf_nprobe=self.ivf_nprobe)
-        if self.coreset_ratio > 1:
-            raise ConfigError(f"{section}.coreset_ratio={self.coreset_ratio}: must be in (0, 1]")
-        if self.ivf_lists < 0:
-            raise ConfigError(f"{section}.ivf_lists={self.ivf_lists}: 0 (automatic, 4 sqrt(M)) or a positive count")
-        if self.index == "faiss":
-            import importlib.util
-
-            if importlib.util.find_spec("faiss") is None:
-                raise ConfigError(f"{section}.index=faiss needs the faiss-cpu package: pip install 'anomaly_core[faiss]' "
-                                  f"(or {section}.index=exact, the same neighbours with torch)")
-
-
-@dataclass
-class ZeroShotConfig:
-    sigma: float = 4.0
-    image_weight: float = 0.5
-    temperature: float = 0.01
-
-    def validate(self, section: str) -> None:
-        Checks(section).non_negative(sigma=self.sigma).unit(image_weight=self.image_weight) \
-            .positive(temperature=self.temperature).done()
-
-
-@dataclass
 class EvaluateConfig:
     max_fpr: float = 0.3      # AUPRO integration limit
     n_heatmaps: int = 4       # test images per category and method in reports/heatmaps
 
     def validate(self, section: str) -> None:
         Checks(section).open_unit(max_fpr=self.max_fpr).non_negative(n_heatmaps=self.n_heatmaps).done()
-
-
-@dataclass
-class TrainDataConfig:
-    """`aaclip.train_data`: a second dataset to train AA-CLIP on (cross-dataset protocol); format "" = none."""
-    format: Literal["", "mvtec", "visa"] = ""
-    root: str = ""
-    categories: Union[str, list[str]] = "all"
-
-    def validate(self, section: str) -> None:
-        c = Checks(section)
-        if isinstance(self.categories, str):
-            c.that(self.categories == "all", "categories", self.categories, "a list of names or 'all'")
-        c.that(not self.format or bool(self.root), "root", self.root, f"a directory (format={self.format!r})")
-        c.done()
-
-
-@dataclass
-class AaclipConfig:
-    """params.yaml section `aaclip` (what both AA-CLIP stages share)."""
-    holdout_fraction: float = 0.25
-    train_data: TrainDataConfig = field(default_factory=TrainDataConfig)
-
-    def validate(self, section: str) -> None:
-        Checks(section).fraction(holdout_fraction=self.holdout_fraction).done()
 
 
 @dataclass

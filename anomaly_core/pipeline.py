@@ -30,9 +30,9 @@ FIXED: dict[str, tuple[str, ...]] = {
     "fuse": ("task", "seed", "data.image_size", "fusion"),
     "classify": ("task", "seed", "data.val_fraction", "classification", "backbones.clip"),
     "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate"),
-    # the bundle records the backbone and kNN settings it scores with (and, added below, every method's score
-    # params); `threshold` / `export` choose on val
-    "export": ("task", "seed", "data", "features", "backbones", "knn", "export", "threshold"),
+    # the bundle records the backbones it scores with (and, added below, every method's score params);
+    # `threshold` / `export` choose on val
+    "export": ("task", "seed", "data", "features", "backbones", "export", "threshold"),
 }
 
 
@@ -90,7 +90,9 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[name] = {**subset(params, FIXED[name]), "enabled": True} if enabled else {"task": task, "enabled": False}
     out["fuse"].update(methods=methods, roles={m: get_method(m).role for m in methods},
                        holdouts={m: section(params, get_method(m).holdout) for m in methods if get_method(m).holdout})
-    out["evaluate"].update(methods=methods, transductive=[m for m in methods if get_method(m).transductive])
+    out["evaluate"].update(methods=methods, transductive=[m for m in methods if get_method(m).transductive],
+                           baselines={m: get_method(m).baseline for m in methods
+                                      if get_method(m).baseline in methods})
     out["export"].update(methods=methods, holdouts=out["fuse"]["holdouts"])
     if "clip" not in branches:  # classification reads the CLIP text tower only when CLIP features exist
         out["classify"].pop("backbones")

@@ -3,7 +3,7 @@ and the markdown report. Methods are reported in registry order, then `fusion`."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -12,7 +12,6 @@ from anomaly_core import evaluation as ev
 from anomaly_core.data import manifest as mf
 from anomaly_core.features import load_resized
 from anomaly_core.io import read_json, write_json, write_text
-from anomaly_core.prompts.vpt import comparison
 from anomaly_core.store import load_scores
 from anomaly_core.viz import save_curve_plot, save_heatmap_overlays
 
@@ -86,11 +85,38 @@ def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_h
     return summary, per_category
 
 
-def vpt_comparison(per_category: dict) -> dict:
-    """VPT against plain kNN per category (the seed's comparison JSON); {} unless both ran."""
-    if "vpt_knn" not in per_category or "knn" not in per_category:
+def _pick(metrics: Mapping[str, Any], keys: Sequence[str]) -> float:
+    for k in keys:
+        if k in metrics:
+            return float(metrics[k])
+    raise KeyError(f"comparison: none of {list(keys)} in {sorted(metrics)}")
+
+
+def comparison(tuned_metrics: Mapping[str, Any], baseline_metrics: Mapping[str, Any],
+               category: str | None = None) -> dict[str, Any]:
+    """The seed's comparison JSON from two metric dicts (keys `image_auroc`/`auroc` and
+    `image_ap`/`average_precision`/`ap`): {prompt_tuned, baseline: {auroc, average_precision},
+    improvement: {auroc, auroc_relative (%), average_precision, ap_relative (%)}} (+ category)."""
+    side = lambda m: {"auroc": _pick(m, ("image_auroc", "auroc")),
+                      "average_precision": _pick(m, ("image_ap", "average_precision", "ap"))}
+    t, b = side(tuned_metrics), side(baseline_metrics)
+    rel = lambda new, old: 100.0 * (new - old) / old if old else None
+    out: dict[str, Any] = {"category": category} if category is not None else {}
+    out.update(prompt_tuned=t, baseline=b, improvement={
+        "auroc": t["auroc"] - b["auroc"], "auroc_relative": rel(t["auroc"], b["auroc"]),
+        "average_precision": t["average_precision"] - b["average_precision"],
+        "ap_relative": rel(t["average_precision"], b["average_precision"])})
+    return out
+
+
+def baseline_comparison(per_category: dict, baselines: dict[str, str]) -> dict:
+    """A method against the baseline it declares (`Method.baseline`: VPT against plain kNN) per category, the seed's
+    comparison JSON (`metrics/vpt_comparison.json`); {} unless a method and its baseline both ran."""
+    pairs = [(m, b) for m, b in baselines.items() if m in per_category and b in per_category]
+    if not pairs:
         return {}
-    return {c: comparison(per_category["vpt_knn"][c], per_category["knn"][c], c) for c in per_category["knn"]}
+    method, base = pairs[0]
+    return {c: comparison(per_category[method][c], per_category[base][c], c) for c in per_category[base]}
 
 
 def alpha_curve_figure(fusion_report: dict | None, reports: Path) -> None:

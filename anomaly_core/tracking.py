@@ -14,7 +14,8 @@ experiment nor writes a dvc.yaml; the stage's dvc.yaml declares the files (see R
 
 dvclive names the x column `step`; here step = the history's epoch (epoch 0 = the untrained model where the
 history has it). Several histories (one per category: CoOp, VPT) go into one directory under
-`<category>/<metric>` names.
+`<category>/<metric>` names. A stage without curves (skipped, or a training-free method) writes a header-only
+`plots/metrics/no_curves.tsv`, so DVC finds the declared plots directory non-empty and stays quiet.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["log_history", "log_histories", "coop_histories", "numeric_items"]
+__all__ = ["log_history", "log_histories", "numeric_items"]
 
 History = Sequence[Mapping[str, Any]]
+NO_CURVES = "no_curves.tsv"  # the plots file of a stage without curves (skipped, or a method that does not train)
 
 
 def numeric_items(row: Mapping[str, Any], skip: Sequence[str] = ()) -> list[tuple[str, float]]:
@@ -63,7 +65,10 @@ def log_histories(out_dir: str | Path, histories: Mapping[str, History], step_ke
                         live.log_metric(name(f"selected/{key}"), value, plot=False)
         for key, value in (summary or {}).items():
             live.log_metric(key, value, plot=False)
-    (out_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # declared as a DVC plots dir, even empty
+    plots = out_dir / "plots" / "metrics"
+    plots.mkdir(parents=True, exist_ok=True)  # declared as a DVC plots dir, even without curves
+    if not any(plots.iterdir()):  # DVC warns "'...' is empty" for an empty plots dir: a header-only table instead
+        (plots / NO_CURVES).write_text("step\tno_curves\n")
     return out_dir
 
 
@@ -71,20 +76,3 @@ def log_history(out_dir: str | Path, history: History, step_key: str = "epoch",
                 summary: Mapping[str, Any] | None = None) -> Path:
     """One history (AA-CLIP stage 1 / stage 2) -> dvclive files in `out_dir`; see log_histories."""
     return log_histories(out_dir, {"": history}, step_key, summary)
-
-
-def coop_histories(report: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """The CoOp report (stages/train_prompts.py `prompt_clip.json`: {category: {"history": {"loss": [...],
-    "criterion_value": [...], "criterion": name, "best_epoch", "best_value", ...}}}) -> ({category: per-epoch
-    rows `{"epoch": 1.., "loss", <criterion name>}`}, summary {category/best_epoch, category/best_value})."""
-    rows, summary = {}, {}
-    for cat, entry in report.items():
-        h = entry["history"]
-        crit = str(h.get("criterion", "criterion_value"))
-        series = {"loss": h.get("loss") or [], crit: h.get("criterion_value") or []}
-        n = max(len(v) for v in series.values())
-        rows[cat] = [{"epoch": e + 1, **{k: v[e] for k, v in series.items() if e < len(v)}} for e in range(n)]
-        for key in ("best_epoch", "best_value"):
-            if isinstance(h.get(key), (int, float)):
-                summary[f"{cat}/{key}"] = h[key]
-    return rows, summary

@@ -39,6 +39,7 @@ class Schema:
     methods: Sequence[str] | None = None  # the registry's method names; None = params have no `methods` key
     rules: list[Rule] = field(default_factory=list)
     scalars: tuple[str, ...] = ("seed", "shots", "task", "demo_seed")
+    renamed: dict[str, str] = field(default_factory=dict)  # old top-level section name -> its new name
 
 
 # ---------------------------------------------------------------------------- top-level scalars
@@ -103,7 +104,10 @@ def _unknown_keys(params: dict[str, Any], schema: Schema) -> list[str]:
             continue
         for key in sorted(set(node) - children, key=str):
             where = f"{parent}.{key}" if parent else str(key)
-            errors.append(f"{where}: unknown key (known: {', '.join(sorted(children))})")
+            if not parent and key in schema.renamed:
+                errors.append(f"{key}: renamed to {schema.renamed[key]} (rename the section in params.yaml)")
+            else:
+                errors.append(f"{where}: unknown key (known: {', '.join(sorted(children))})")
     return errors
 
 
@@ -117,6 +121,8 @@ def _check_all(params: Any, schema: Schema) -> tuple[Configs, list[str]]:
         found, mapping = _node(params, dotted)
         if not found:
             configs[dotted] = None
+            if any(new == dotted and old in params for old, new in schema.renamed.items()):
+                continue  # said once, as "<old>: renamed to <new>"
             errors.append(f"{dotted}: missing section (every key must be set in params.yaml, where the defaults live)")
             continue
         # a wrong top-level value (seed='abc') is reported once, above; its field keeps the built-in default here
@@ -202,14 +208,11 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
     `methods`: the known method names (the registry's); when given, params.yaml must carry a `methods` list
     of them and the fusion's method names are checked against them.
     """
-    from anomaly_core.adapters.core import ImageAdapterConfig, TextAdapterConfig
     from anomaly_core.classification import ClassificationConfig
-    from anomaly_core.config import (AaclipConfig, BackboneConfig, DataConfig, DistConfig, EvaluateConfig,
-                                     FeaturesConfig)
-    from anomaly_core.deploy.bundle import ExportConfig
+    from anomaly_core.config import BackboneConfig, DataConfig, DistConfig, EvaluateConfig, FeaturesConfig
+    from anomaly_core.deploy.export import ExportConfig
     from anomaly_core.deploy.thresholds import ThresholdConfig
     from anomaly_core.fusion import FusionConfig
-
     from anomaly_core.methods import get_method, method_names
 
     seeded = ("seed",)
@@ -219,9 +222,6 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
         "backbones.clip": Section(BackboneConfig),
         "features": Section(FeaturesConfig),
         "evaluate": Section(EvaluateConfig),
-        "aaclip": Section(AaclipConfig),
-        "aaclip_text": Section(TextAdapterConfig, seeded),
-        "aaclip_image": Section(ImageAdapterConfig, seeded),
         "fusion": Section(FusionConfig),
         "classification": Section(ClassificationConfig),
         "export": Section(ExportConfig),
@@ -229,9 +229,13 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
         "dist": Section(DistConfig),
     }
     methods = method_names() if methods is None else methods
-    for name in method_names():  # every registered method's section, selected or not
+    renamed = {}
+    for name in method_names():  # every registered method's sections, selected or not
         m = get_method(name)
         sections[m.section] = Section(m.config, seeded if m.seeded else ())
+        for extra, (cls, extra_seeded) in m.sections.items():
+            sections[extra] = Section(cls, seeded if extra_seeded else ())
+        renamed.update({old: m.section for old in m.renamed})
     rules = list(DEFAULT_RULES) + [lambda p, c: rule_method_names(p, c, methods),
                                    lambda p, c: rule_export_method(p, c, methods)]
-    return Schema(sections=sections, methods=methods, rules=rules)
+    return Schema(sections=sections, methods=methods, rules=rules, renamed=renamed)

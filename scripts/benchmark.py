@@ -26,10 +26,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomaly_core.backbones import create_backbone, preprocess  # noqa: E402
-from anomaly_core.config import BackboneConfig, KnnConfig, build  # noqa: E402
+from anomaly_core.config import BackboneConfig, build
 from anomaly_core.data import manifest as mf  # noqa: E402
 from anomaly_core.features import extract_features, iter_batches  # noqa: E402
-from anomaly_core.scoring.knn import PatchKnn, cnn_patches, greedy_coreset, greedy_coreset_reference  # noqa: E402
+from anomaly_core.kit.knn import (
+    KnnConfig,  # noqa: E402
+    PatchKnn,
+    greedy_coreset,
+    greedy_coreset_reference,
+)
+from anomaly_core.kit.patches import cnn_patches  # noqa: E402
 from anomaly_core.store import level_list  # noqa: E402
 
 app = typer.Typer(add_completion=False)

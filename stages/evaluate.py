@@ -34,7 +34,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
                                                 size, cfg.max_fpr, cfg.n_heatmaps, metrics, reports, progress())
     write_json(metrics / "summary.json", {**summary, "_protocol": protocol})
     write_json(metrics / "per_category.json", {**per_category, "_protocol": protocol})
-    write_json(metrics / "vpt_comparison.json", rp.vpt_comparison(per_category))
+    write_json(metrics / "vpt_comparison.json", rp.baseline_comparison(per_category, get(params, "baselines")))
     fusion = rp.optional_json(metrics / "fusion.json")
     rp.alpha_curve_figure(fusion, reports)
     write_text(reports / "report.md", rp.report_markdown(summary, info, protocol, fusion,

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import typer
 
+from anomaly_core import distributed as dist
 from anomaly_core.backbones import create_backbone
 from anomaly_core.config import BackboneConfig, FeaturesConfig, build
 from anomaly_core.data import manifest as mf
-from anomaly_core import distributed as dist
 from anomaly_core.features import extract_features_sharded
 from anomaly_core.io import save_tensors, write_json
 from stages.common import device, friendly_errors, load_config, progress

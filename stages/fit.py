@@ -9,8 +9,16 @@ from pathlib import Path
 import typer
 
 from anomaly_core.tracking import log_histories
-from stages.common import (device, friendly_errors, get, load_config, progress, seed_everything, skip_outputs,
-                           skip_unless_anomaly)
+from stages.common import (
+    device,
+    friendly_errors,
+    get,
+    load_config,
+    progress,
+    seed_everything,
+    skip_outputs,
+    skip_unless_anomaly,
+)
 
 app = typer.Typer(add_completion=False)
 

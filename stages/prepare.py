@@ -14,9 +14,8 @@ from pathlib import Path
 import typer
 
 from anomaly_core.config import DataConfig, build, shots_value
-from anomaly_core.data import checks
+from anomaly_core.data import checks, readers
 from anomaly_core.data import manifest as mf
-from anomaly_core.data import readers
 from anomaly_core.errors import ConfigError
 from anomaly_core.io import write_json
 from stages.common import friendly_errors, get, load_config

@@ -4,7 +4,7 @@ from pathlib import Path
 import typer
 
 from anomaly_core.tracking import log_history
-from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
+from stages.common import device, friendly_errors, get, load_config, progress, seed_everything, skip_outputs
 
 app = typer.Typer(add_completion=False)
 
@@ -21,34 +21,14 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
         skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out,))
         log_history(history, [])
         return
-    from anomaly_core.adapters import ImageAdapterConfig, load_text_adapters, save_image_adapters, train_image_adapters
-    from anomaly_core.adapters.data import second_dataset_rows, image_set, training_rows
-    from anomaly_core import distributed as dist
-    from anomaly_core.backbones import backbone_from_config
-    from anomaly_core.config import build
-    from anomaly_core.data import manifest as mf
+    from anomaly_core.methods import get_method
 
-    cfg = build(ImageAdapterConfig, {**get(params, "aaclip_image"), "seed": int(get(params, "seed"))}, "aaclip_image")
-    seed_everything(cfg.seed)
-    size = int(get(params, "data.image_size"))
-    ctx = dist.init(device())  # torchrun (dist.nproc > 1): one process per GPU / CPU rank
-    ccfg, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip", ctx.device)
-    _, anchors = load_text_adapters(text_adapters, clip, ccfg.name)
-    rows = mf.read_manifest(manifest)
-    train, select = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))
-    extra = second_dataset_rows(get(params, "aaclip.train_data"))
-    if extra:  # cross-dataset protocol: every image of the second dataset trains; the target's val selects
-        train, select = extra, [r for r in rows if r.split == "val"]
-    val = image_set(select, clip.image_size, size) if select else None
-    adapters, hist = train_image_adapters(clip, anchors, image_set(train, clip.image_size, size), val, cfg, progress())
-    chosen = next((h["epoch"] for h in hist if h.get("selected")), cfg.epochs)
-    dist.shutdown()
-    if not ctx.is_main:
-        return
-    save_image_adapters(out, adapters, ccfg.name, selected_epoch=chosen)
-    log_history(history, hist)
-    typer.echo(f"aaclip image adapters: {len(train)} training images, {len(select)} selection images, "
-               f"epoch {chosen} selected on validation, {ctx.world_size} process(es)")
+    seed_everything(int(get(params, "seed")))
+    train = get_method("aaclip").stage_function("train_image_adapter")
+    hist, summary = train(params, manifest, text_adapters, out, device(), progress())
+    if summary:  # the main process (the others of a torchrun group write nothing)
+        log_history(history, hist)
+        typer.echo(summary)
 
 
 if __name__ == "__main__":

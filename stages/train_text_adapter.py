@@ -4,7 +4,7 @@ from pathlib import Path
 import typer
 
 from anomaly_core.tracking import log_history
-from stages.common import skip_outputs, device, friendly_errors, get, load_config, progress, seed_everything
+from stages.common import device, friendly_errors, get, load_config, progress, seed_everything, skip_outputs
 
 app = typer.Typer(add_completion=False)
 
@@ -21,33 +21,14 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
         skip_outputs("method aaclip not selected (params.yaml: methods)", files=(out,))
         log_history(history, [])
         return
-    import torch
+    from anomaly_core.methods import get_method
 
-    from anomaly_core.adapters import TextAdapterConfig, class_anchors, save_text_adapters, train_text_adapters
-    from anomaly_core.adapters.data import second_dataset_rows, text_stage_data, training_rows
-    from anomaly_core.backbones import backbone_from_config
-    from anomaly_core.config import build
-    from anomaly_core.data import manifest as mf
-    from anomaly_core.store import FeatureStore
-
-    cfg = build(TextAdapterConfig, {**get(params, "aaclip_text"), "seed": int(get(params, "seed"))}, "aaclip_text")
-    seed_everything(cfg.seed)
-    size = int(get(params, "data.image_size"))
-    ccfg, clip = backbone_from_config(get(params, "backbones.clip"), "backbones.clip", device())
-    rows = mf.read_manifest(manifest)
-    extra = second_dataset_rows(get(params, "aaclip.train_data"))
-    if extra:  # cross-dataset protocol: train on every image of the second dataset
-        data = text_stage_data(extra, size, backbone=clip, progress=progress())
-    else:
-        train, _ = training_rows(rows, cfg.seed, float(get(params, "aaclip.holdout_fraction")))
-        data = text_stage_data(train, size, store=FeatureStore(features))
-    adapters, anchors, hist = train_text_adapters(clip, data, cfg, progress())
-    names = sorted(set(mf.categories(rows)) | set(mf.categories(extra)))
-    with torch.no_grad():  # anchors for the target (and second-dataset) categories
-        target_anchors = class_anchors(clip, adapters, names).cpu()
-    save_text_adapters(out, adapters, target_anchors, names, ccfg.name)
-    log_history(history, hist)
-    typer.echo(f"aaclip text adapters: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} over {cfg.epochs} epochs")
+    seed_everything(int(get(params, "seed")))
+    train = get_method("aaclip").stage_function("train_text_adapter")
+    hist, summary = train(params, manifest, features, out, device(), progress())
+    if summary:  # the main process (the others of a torchrun group write nothing)
+        log_history(history, hist)
+        typer.echo(summary)
 
 
 if __name__ == "__main__":

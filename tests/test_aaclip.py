@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_core.adapters import aaclip as A
 from anomaly_core.backbones import create_backbone, preprocess
 from anomaly_core.errors import ConfigError, WeightsError
-from anomaly_core.losses import dice_loss, focal_loss, orthogonal_loss, seg_loss
-from anomaly_core.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, build_prompts
+from anomaly_core.kit.losses import dice_loss, focal_loss, orthogonal_loss, seg_loss
+from anomaly_core.kit.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, build_prompts
+from anomaly_core.methods.aaclip import api as A
 
 TINY = "anomaly-core-tiny-clip"
 SIZE = 224  # model input

@@ -1,5 +1,4 @@
 """Backbone registry: the offline ImageNet CNN, the tiny open_clip config, deterministic random weights."""
-import numpy as np
 import pytest
 import skimage.data
 import torch

@@ -5,10 +5,25 @@ import numpy as np
 import pytest
 
 from anomaly_core.calibration import T_MAX, fit_temperature, nll, softmax_t
-from anomaly_core.classification import (ClassificationConfig, ClassSplit, Stacker, alpha_fusion, average_templates,
-                                         choose, class_prompts, classification_report, clip_zero_shot_logits,
-                                         global_pool, linear_probe, oof_logits, pick_method, predict_logits,
-                                         prototype_logits, run_classification, stacker_split)
+from anomaly_core.classification import (
+    ClassificationConfig,
+    ClassSplit,
+    Stacker,
+    alpha_fusion,
+    average_templates,
+    choose,
+    class_prompts,
+    classification_report,
+    clip_zero_shot_logits,
+    global_pool,
+    linear_probe,
+    oof_logits,
+    pick_method,
+    predict_logits,
+    prototype_logits,
+    run_classification,
+    stacker_split,
+)
 from anomaly_core.config import build
 from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.metrics import classification_metrics

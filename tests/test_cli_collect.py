@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from anomaly_core.cli import aggregate, app, collect_sweep, dedupe, parse_exp_show, run_exp_show
+from anomaly_core.cli import app
+from anomaly_core.experiments import aggregate, collect_sweep, dedupe, parse_exp_show, run_exp_show
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dvc_exp_show.json"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from anomaly_core import distributed as D
-from anomaly_core.adapters.training import _epoch_plan
-from anomaly_core.adapters.core import ImageAdapterConfig
+from anomaly_core.methods.aaclip.core import ImageAdapterConfig
+from anomaly_core.methods.aaclip.training import _epoch_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import torch
 from anomaly_core import distributed as D
-from anomaly_core.adapters import aaclip as A
+from anomaly_core.methods.aaclip import api as A
 from anomaly_core.backbones import create_backbone
 
 torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def test_shard_round_robin():
 
 
 def test_augmentation_per_sample_does_not_depend_on_the_batch():
-    from anomaly_core.adapters.training import augment_batch
+    from anomaly_core.methods.aaclip.training import augment_batch
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8, generator=g)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from anomaly_core.deploy.thresholds import (ThresholdConfig, binary_metrics, category_thresholds, choose_threshold)
+from anomaly_core.deploy.thresholds import ThresholdConfig, binary_metrics, category_thresholds, choose_threshold
 
 
 def test_f1_threshold_maximises_val_f1_against_sklearn():
@@ -61,7 +61,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from conftest import make_mvtec_tree
 
 BACKBONE = {"name": "efficientnet_lite0", "pretrained": "random", "levels": [2, 3], "image_size": 64}
@@ -70,14 +69,13 @@ SIZE = 32  # data.image_size (map resolution)
 
 def tiny_knn_run(root: Path):
     """A tiny pipeline run through the library calls of the stages: prepare (read, carve val, shots), features
-    (`extract_features` cached in float16 like stages/features.py), score (`methods/knn.py`'s `knn_scores`)."""
+    (`extract_features` cached in float16 like stages/features.py), score (`kit.knn.knn_scores`, as method knn)."""
     from anomaly_core.backbones import create_backbone
-    from anomaly_core.config import KnnConfig
     from anomaly_core.data import manifest as mf
     from anomaly_core.data.readers import read_mvtec
     from anomaly_core.features import extract_features
     from anomaly_core.io import save_tensors, write_json
-    from anomaly_core.methods.shared import knn_scores
+    from anomaly_core.kit.knn import KnnConfig, knn_scores
     from anomaly_core.store import FeatureStore
 
     data = make_mvtec_tree(root / "mvtec")
@@ -98,13 +96,18 @@ def tiny_knn_run(root: Path):
 
 @pytest.fixture(scope="module")
 def knn_bundle(tmp_path_factory):
-    from anomaly_core.deploy.bundle import write_knn_bundle
+    from dataclasses import asdict
+
+    from anomaly_core.deploy.bundle import BundleInputs
+    from anomaly_core.deploy.engines import deploy_module
 
     root = tmp_path_factory.mktemp("knn")
     rows, store, cfg, scores = tiny_knn_run(root)
     thresholds = {c: {"image": float(img.median()), "pixel": None} for c, (_, img, _) in scores["val"].items()}
-    write_knn_bundle(root / "bundle", rows, store, cfg, BACKBONE, "float16", SIZE, 0,
-                     {"method": "knn", "thresholds": thresholds})
+    params = {"data": {"image_size": SIZE}, "seed": 0, "features": {"dtype": "float16"},
+              "backbones": {"visual": BACKBONE}, "score": {"knn": {"knn": asdict(cfg)}}}
+    inputs = BundleInputs(rows=rows, features=store.root, models=root / "models" / "knn", params=params, method="knn")
+    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": thresholds})
     return root, rows, scores
 
 
@@ -170,7 +173,6 @@ import os
 from contextlib import contextmanager
 
 import yaml
-
 from conftest import with_changes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,8 +198,15 @@ def _cwd(path: Path):
 
 def run_stages(root: Path) -> None:
     """validate .. fuse of `PIPE_CHANGES` in `root`, calling each stage's `main` as `dvc repro` runs it."""
-    import stages.demo_data, stages.features, stages.fit, stages.fuse, stages.prepare, stages.score  # noqa: E401
-    import stages.train_image_adapter, stages.train_text_adapter, stages.validate  # noqa: E401
+    import stages.demo_data  # noqa: E401
+    import stages.features
+    import stages.fit
+    import stages.fuse
+    import stages.prepare
+    import stages.score
+    import stages.train_image_adapter  # noqa: E401
+    import stages.train_text_adapter
+    import stages.validate
 
     params = with_changes(yaml.safe_load((REPO / "params.yaml").read_text()), PIPE_CHANGES)
     (root / "params.yaml").write_text(yaml.safe_dump(params))

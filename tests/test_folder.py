@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import _background, _defect_image, _save, _save_mask
 
 from anomaly_core.data.readers import read_folder
 from anomaly_core.errors import DataError
 from anomaly_core.evaluation import category_metrics, mean_metrics
 from anomaly_core.metrics import image_metrics
-from conftest import _background, _defect_image, _save, _save_mask
 
 
 def make_folder_tree(root: Path, n_good: int = 12, n_defect: int = 6, masks: bool = False, seed: int = 0) -> Path:

@@ -7,8 +7,18 @@ import torch
 
 from anomaly_core.config import build
 from anomaly_core.errors import ConfigError, DataError
-from anomaly_core.fusion import (FusionConfig, apply_norm, best_on_grid, fuse_scores, normalise_stats, mix,
-                                 select_clip_method, sweep_alpha, val_metric, with_endpoints)
+from anomaly_core.fusion import (
+    FusionConfig,
+    apply_norm,
+    best_on_grid,
+    fuse_scores,
+    mix,
+    normalise_stats,
+    select_clip_method,
+    sweep_alpha,
+    val_metric,
+    with_endpoints,
+)
 from anomaly_core.metrics import image_metrics
 
 S = 16  # map size

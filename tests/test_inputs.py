@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_mvtec_tree, with_changes
 from PIL import Image
 
 from anomaly_core.backbones import check_backbone
@@ -19,7 +20,6 @@ from anomaly_core.data import checks, read_mvtec
 from anomaly_core.data.manifest import carve_val
 from anomaly_core.errors import ConfigError, DataError, WeightsError
 from anomaly_core.evaluation import category_metrics
-from conftest import make_mvtec_tree, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

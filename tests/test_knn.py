@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomaly_core.config import KnnConfig, build
+from anomaly_core.config import build
 from anomaly_core.errors import ConfigError
-from anomaly_core.scoring.knn import (
+from anomaly_core.kit.knn import (
     IvfIndex,
+    KnnConfig,
     PatchKnn,
     block_sizes,
-    cnn_patches,
     greedy_coreset,
     greedy_coreset_reference,
     ivf_recall,
@@ -20,6 +20,7 @@ from anomaly_core.scoring.knn import (
     reweight_scores,
     working_set_bytes,
 )
+from anomaly_core.kit.patches import cnn_patches
 
 
 def _data(q: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +148,7 @@ def test_faiss_index_same_neighbours_and_scores_as_torch() -> None:
     """`knn.index: faiss` (optional faiss-cpu) finds the same neighbours as the torch kernel and cdist, and a
     PatchKnn with it predicts the same scores; without faiss the config names the extra to install."""
     pytest.importorskip("faiss", reason="faiss-cpu is the optional [faiss] extra (CI installs it)")
-    from anomaly_core.scoring.knn import FaissFlat
+    from anomaly_core.kit.knn import FaissFlat
 
     queries, bank = _data(57, 403, 9, seed=3)
     d2, idx = FaissFlat(bank).search(queries, 4)

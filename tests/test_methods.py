@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from anomaly_core.errors import ConfigError
-from anomaly_core.methods import REGISTRY, get_method, method_names, ordered
+from anomaly_core.methods import get_method, method_names, ordered
 from anomaly_core.methods.base import Method
+from anomaly_core.methods.musc.mutual import interval_mean, mutual_scores, rescore
 from anomaly_core.pipeline import stage_configs
-from anomaly_core.scoring.mutual import interval_mean, mutual_scores, rescore
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import MVTEC_CATEGORIES, VISA_OBJECTS, make_mvtec_tree, make_visa_tree
 
 from anomaly_core.methods import method_names
-from conftest import MVTEC_CATEGORIES, VISA_OBJECTS, make_mvtec_tree, make_visa_tree
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -311,6 +311,20 @@ def test_demo_knn_param_rescores_only_knn_methods(demo_repo: Repo):
     repo.commit("e2e: knn.k=3")
 
 
+def test_demo_editing_one_methods_code_reruns_only_its_stages(demo_repo: Repo):
+    """A comment in `anomaly_core/methods/vpt_knn/` re-runs fit@vpt_knn, score@vpt_knn and what reads their outputs
+    (fuse, evaluate, export), and no other method's fit@ / score@ stage (each depends on its own folder + the kit)."""
+    repo = demo_repo
+    target = repo.root / "anomaly_core" / "methods" / "vpt_knn" / "vpt.py"
+    target.write_text(target.read_text() + "\n# a comment: the code is the same\n")
+    out, _ = repo.repro("comment in methods/vpt_knn")
+    per_method = [s for s in ran(out) if s.startswith(("fit@", "score@"))]
+    assert per_method == ["fit@vpt_knn", "score@vpt_knn"], ran(out)
+    assert set(ran(out)) <= {"fit@vpt_knn", "score@vpt_knn", "fuse", "evaluate", "export"}, ran(out)
+    assert "up to date" in repo.dvc("status").lower()
+    repo.commit("e2e: comment in vpt_knn")
+
+
 def test_demo_methods_knn_only_touches_no_clip(demo_repo: Repo):
     """`methods: [knn]`: no CLIP features, AA-CLIP's stages do no work, fusion says why it is skipped."""
     repo = demo_repo
@@ -320,6 +334,7 @@ def test_demo_methods_knn_only_touches_no_clip(demo_repo: Repo):
     assert not any(s.startswith(("fit@", "score@")) and not s.endswith("@knn") for s in steps), steps
     assert {"validate", "features", "score@knn", "fuse", "evaluate"} <= set(steps), steps
     assert "skipped: method aaclip not selected" in out
+    assert "is empty" not in out, out  # skipped stages' declared plots dirs are not empty (quiet subset runs)
     assert list(repo.json("data/features/info.json")) == ["visual"]  # no CLIP model was built
     assert not (repo.root / "data" / "features" / "clip").exists()
     summary = check_anomaly_metrics(repo, DEMO_CATEGORIES, ["knn"])

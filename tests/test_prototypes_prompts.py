@@ -10,20 +10,55 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly_core.config import KnnConfig
 from anomaly_core.data.manifest import Row
 from anomaly_core.errors import WeightsError
 from anomaly_core.io import save_tensors, write_json
-from anomaly_core.prompts.coop import (CoopConfig, PromptLearner, coop_loss, fit_coop, load_prompt_clip,
-                                       save_prompt_clip, score_prompt_clip, train_prompt_clip)
-from anomaly_core.prompts.vpt import (PromptModulator, VptConfig, comparison, contrastive_loss, fit_vpt, load_vpt,
-                                      save_vpt, separability_loss, similarity_stats, train_vpt)
-from anomaly_core.prototypes import (ImageProtoConfig, MultiProtoConfig, MultiPrototype, class_centroids, classify,
-                                     fit_image_prototypes, load_multi_prototype, normal_centroid_score,
-                                     prototype_diagnostics, save_multi_prototype, score_image_prototypes,
-                                     score_multi_prototype, train_multi_prototype, usage_range)
-from anomaly_core.prototypes.multi import (ClipTrainData, fit_multi_prototype, init_prototypes, multi_proto_loss,
-                                           split_holdout)
+from anomaly_core.kit.knn import KnnConfig
+from anomaly_core.methods.image_prototype.prototypes import (
+    ImageProtoConfig,
+    class_centroids,
+    classify,
+    fit_image_prototypes,
+    normal_centroid_score,
+    score_image_prototypes,
+)
+from anomaly_core.methods.multi_prototype.model import (
+    ClipTrainData,
+    MultiProtoConfig,
+    MultiPrototype,
+    fit_multi_prototype,
+    init_prototypes,
+    load_multi_prototype,
+    multi_proto_loss,
+    prototype_diagnostics,
+    save_multi_prototype,
+    score_multi_prototype,
+    split_holdout,
+    train_multi_prototype,
+    usage_range,
+)
+from anomaly_core.methods.prompt_clip.coop import (
+    CoopConfig,
+    PromptLearner,
+    coop_loss,
+    fit_coop,
+    load_prompt_clip,
+    save_prompt_clip,
+    score_prompt_clip,
+    train_prompt_clip,
+)
+from anomaly_core.methods.vpt_knn.vpt import (
+    PromptModulator,
+    VptConfig,
+    contrastive_loss,
+    fit_vpt,
+    load_vpt,
+    save_vpt,
+    separability_loss,
+    similarity_stats,
+    train_vpt,
+)
+from anomaly_core.reporting import comparison
 from anomaly_core.store import FeatureStore
 
 E = 128  # tiny CLIP embedding dim
@@ -331,9 +366,9 @@ def test_entry_points_on_fake_store(fake_store, clip, tmp_path):
     assert vreport["alpha"]["split"]["defect_samples"] == 2
     from dataclasses import asdict
 
+    from anomaly_core.kit.knn import knn_scores
     from anomaly_core.methods import get_method
     from anomaly_core.methods.base import Context
-    from anomaly_core.methods.shared import knn_scores
 
     vpt = get_method("vpt_knn")  # scored through the method interface: kNN on prompt-modulated patches
     ctx = Context(rows, store, vcfg, {"knn": asdict(kcfg)}, SIZE, 0, tmp_path)

@@ -3,7 +3,6 @@ a third clone pulls both experiments and `collect` sees both rows with their met
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from anomaly_core.cli import exp_name, machine_slice, sweep_grid, sweep_run_commands
+from anomaly_core.sweep import exp_name, machine_slice, sweep_grid, sweep_run_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from anomaly_core.tracking import coop_histories, log_histories, log_history
+from anomaly_core.methods.prompt_clip.coop import coop_histories
+from anomaly_core.tracking import log_histories, log_history
 
 ROOT = Path(__file__).resolve().parents[1]
 

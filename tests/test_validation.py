@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import with_changes
-from anomaly_core.config import Checks, ConfigError, ConfigErrors, KnnConfig, build, build_errors
+
+from anomaly_core.config import Checks, ConfigError, ConfigErrors, build, build_errors
+from anomaly_core.kit.knn import KnnConfig
 from anomaly_core.validation import Schema, Section, default_schema, resolve_params, rule_same_value, validate_params
 
 PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -34,15 +35,22 @@ def test_deleted_key_is_an_error_naming_it():
 
 def test_all_errors_at_once():
     errors = validate_params(params(seed="abc", knn__k=0, knn__sigma=None, evaluate__max_fpr=0,
-                                    fusion__alphas=[0.5, 1.5], zero_shot__image_weight=2.0, knnn={}))
+                                    fusion__alphas=[0.5, 1.5], zero_shot_clip__image_weight=2.0, knnn={}))
     assert "seed='abc': an integer >= 0" in errors
     assert "knn.k=0: must be > 0" in errors  # ranges are checked even though knn.sigma is missing
     assert any(e.startswith("knn.sigma: missing key") for e in errors)
     assert "evaluate.max_fpr=0.0: must be in (0, 1]" in errors
     assert "fusion.alphas=[0.5, 1.5]: a non-empty list of values in [0, 1]" in errors
-    assert "zero_shot.image_weight=2.0: must be in [0, 1]" in errors
+    assert "zero_shot_clip.image_weight=2.0: must be in [0, 1]" in errors
     assert any(e.startswith("knnn: unknown key") for e in errors)
     assert len(errors) == 7, errors  # seed='abc' reported once, not again in every seeded section
+
+
+def test_old_section_name_is_one_line_naming_the_new_one():
+    """`zero_shot` became `zero_shot_clip` (one name per method: folder, registry key, section, metrics)."""
+    raw = params()
+    raw["zero_shot"] = raw.pop("zero_shot_clip")
+    assert validate_params(raw) == ["zero_shot: renamed to zero_shot_clip (rename the section in params.yaml)"]
 
 
 @pytest.mark.parametrize("value", ["abc", -1, 1.5, True])
@@ -90,7 +98,7 @@ def test_nested_sections_and_types():
 
 def test_every_config_checks_its_ranges():
     """One out-of-range value per section: every section's validate names it."""
-    bad = {"data__val_fraction": 1.0, "features__batch_size": 0, "zero_shot__temperature": 0,
+    bad = {"data__val_fraction": 1.0, "features__batch_size": 0, "zero_shot_clip__temperature": 0,
            "aaclip__holdout_fraction": 1.0, "aaclip_text__adapt_weight": 1.5, "aaclip_image__ksize": 4,
            "multi_prototype__holdout_fraction": -0.1, "image_prototype__temperature": 0,
            "prompt_clip__min_coverage": 0, "vpt_knn__prompt_scale": 0, "fusion__max_fpr": 1.5,

@@ -90,8 +90,12 @@ def check_open_clip_weights(name: str, pretrained: str, key: str) -> None:
 
     Raises WeightsError (or ConfigError for an unknown tag) in one line naming `key` and what to set.
     """
-    from open_clip.pretrained import (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, get_pretrained_cfg,
-                                      list_pretrained_tags_by_model)
+    from open_clip.pretrained import (
+        HF_SAFE_WEIGHTS_NAME,
+        HF_WEIGHTS_NAME,
+        get_pretrained_cfg,
+        list_pretrained_tags_by_model,
+    )
 
     cfg = get_pretrained_cfg(name, pretrained)
     if not cfg:

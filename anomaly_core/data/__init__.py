@@ -18,7 +18,6 @@ from anomaly_core.data.manifest import (
 from anomaly_core.data.readers import READERS, read_imagefolder, read_mvtec, read_visa, validate_rows
 
 
-
 def __getattr__(name: str):
     """`generate_demo` on first use: the demo generator pulls in scipy, which most stages never need."""
     if name == "generate_demo":

@@ -1,5 +1,6 @@
 """The `export` stage's work: choose the method on val, choose its thresholds on val, report the test metrics at
-those thresholds (`metrics/threshold.json`) and write the bundle (`anomaly_core.deploy.bundle`).
+those thresholds (`metrics/threshold.json`) and write the bundle: the chosen method's (its deploy module or the
+generic bundle, `deploy/engines.deploy_module`), or the fusion's (a bundle of each branch + alpha and statistics).
 
 Every choice is made on the val rows no method trained on (`data.holdout.selection_rows`, the rows the fusion
 chooses alpha on); test rows are only measured.
@@ -7,24 +8,57 @@ chooses alpha on); test rows are only measured.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from anomaly_core import evaluation as ev
-from anomaly_core.config import KnnConfig, build
+from anomaly_core.config import Checks, build
 from anomaly_core.data import manifest as mf
 from anomaly_core.data.holdout import selection_rows
-from anomaly_core.deploy.bundle import (ExportConfig, choose_method, data_hash, write_fusion_bundle, write_knn_bundle,
-                                        write_method_bundle)
+from anomaly_core.deploy.bundle import FORMAT, BundleInputs, data_hash
+from anomaly_core.deploy.engines import deploy_module
 from anomaly_core.deploy.thresholds import ThresholdConfig, category_thresholds, threshold_metrics
-from anomaly_core.fusion import val_truth
 from anomaly_core.errors import DataError
+from anomaly_core.fusion import val_truth
 from anomaly_core.io import jsonable, read_json, write_json
-from anomaly_core.store import FeatureStore, load_scores
+from anomaly_core.store import load_scores
 
-__all__ = ["candidate_dirs", "thresholds_for", "test_threshold_metrics", "export_experiment", "write_bundle"]
+__all__ = ["ExportConfig", "choose_method", "candidate_dirs", "thresholds_for", "test_threshold_metrics",
+           "export_experiment", "write_bundle", "write_fusion_bundle"]
+
+Metric = Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "mean"]
+
+
+@dataclass
+class ExportConfig:
+    """params.yaml section `export`."""
+
+    method: str = "best"            # best = the best val `metric` among the methods that ran (fusion included)
+    metric: Metric = "image_auroc"  # what `best` compares on val (the rows no method trained on)
+
+    def validate(self, section: str) -> None:
+        Checks(section).that(bool(self.method.strip()), "method", self.method, "best or a method name").done()
+
+
+def choose_method(candidates: dict[str, dict], truth: dict, metric: str, method: str = "best",
+                  max_fpr: float = 0.3) -> tuple[str, dict[str, float]]:
+    """(method, {candidate: val metric}). `candidates`: {name: val Scores {category: (ids, image, maps)}} in
+    preference order (registry order, fusion last); ties go to the earlier one. `truth`: `fusion.val_truth`."""
+    from anomaly_core.fusion import _reorder, val_metric
+
+    if method != "best" and method not in candidates:
+        raise DataError(f"export.method={method}: no val scores for it (have {', '.join(candidates)})")
+    ids = {c: list(t[0]) for c, t in truth.items()}
+    values = {m: val_metric(truth, _reorder(s, ids, m), metric, max_fpr)[0] for m, s in candidates.items()}
+    if method != "best":
+        return method, values
+    top = max(values.values())
+    return next(m for m in candidates if values[m] >= top - 1e-12), values
+
+
 
 
 def candidate_dirs(methods: Sequence[str], scores: Path, fused: Path) -> dict[str, Path]:
@@ -64,7 +98,6 @@ def write_bundle(out: Path, method: str, params: dict[str, Any], rows: Sequence[
                  fused: Path, card: dict[str, Any]) -> dict:
     """Write the bundle of `method` (a registered method or `fusion`) to `out`; returns its card. `params`: the
     export stage's config (its `score` entry holds each method's score-stage params); `models`: data/models."""
-    size, seed, dtype = int(params["data"]["image_size"]), int(params["seed"]), params["features"]["dtype"]
     if method == "fusion":
         path = Path(fused) / "fusion" / "model.json"
         if not path.is_file():
@@ -74,14 +107,27 @@ def write_bundle(out: Path, method: str, params: dict[str, Any], rows: Sequence[
                                                                       {"method": m}))
                    for b in ("clip", "visual")}
         return write_fusion_bundle(out, fusion, members, card)
-    if method == "knn":
-        kcfg = build(KnnConfig, params["knn"], "knn")
-        return write_knn_bundle(out, rows, FeatureStore(features), kcfg, params["backbones"][kcfg.branch], dtype,
-                                size, seed, card)
-    if method not in params.get("score", {}):
-        raise DataError(f"export: no score params for {method} in the export config; re-run `dvc repro validate`")
-    return write_method_bundle(out, method, rows, features, Path(models) / method, params["score"][method],
-                               params["backbones"], dtype, size, card)
+    inputs = BundleInputs(rows=rows, features=Path(features), models=Path(models) / method, params=params, method=method)
+    return deploy_module(method).write_bundle(inputs, Path(out), card)
+
+
+def write_fusion_bundle(out: Path, fusion: dict, members: dict[str, Any], card: dict[str, Any]) -> dict:
+    """Write a `fusion` bundle: `members` {"clip": writer, "visual": writer}, each a function(dir) that writes that
+    branch's bundle; `fusion`: `fusion.fusion_model` (alpha, standardisation statistics). Returns the card."""
+    out = Path(out)
+    for branch in ("clip", "visual"):
+        members[branch](out / branch)
+    sub = {b: read_json(out / b / "model.json") for b in ("clip", "visual")}
+    cats = sorted(set(sub["clip"]["categories"]) & set(sub["visual"]["categories"]))
+    absent = [c for c in cats if c not in fusion["stats"]["clip"] or c not in fusion["stats"]["visual"]]
+    if absent:
+        raise DataError(f"fusion model: no standardisation statistics for category {absent[0]}; re-run `dvc repro fuse`")
+    card = {**card, "format": FORMAT, "exported": True, "kind": "fusion", "image_size": sub["clip"]["image_size"],
+            "fusion": fusion, "members": {b: {"method": sub[b]["method"], "kind": sub[b]["kind"], "dir": b}
+                                          for b in ("clip", "visual")},
+            "transductive": any(s.get("transductive", False) for s in sub.values()), "categories": cats}
+    write_json(out / "model.json", card)
+    return card
 
 
 def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Path, fused: Path, features: Path,

@@ -1,8 +1,10 @@
 """The method interface: what a method is, and the context its fit and score receive.
 
-A method is a `Method` value in its own module (`anomaly_core/methods/<name>.py`, named `METHOD`) and one line of
-the registry (`anomaly_core/methods/__init__.py`). Stages, the validation, the fusion's candidates, the evaluation
-order and the tests read the registry; nothing else lists method names.
+A method is a package `anomaly_core/methods/<name>/` whose `__init__.py` defines `METHOD` (a `Method`), and one line
+of the registry (`anomaly_core/methods/__init__.py`). Its config, maths, fit, score, curves and deploy pieces live
+in that folder, over the method-free kit (`anomaly_core/kit/`). Stages, the validation, the fusion's candidates,
+the evaluation order, deploy and the tests reach a method through the registry and this interface only; nothing
+else lists method names or imports a method's modules.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from anomaly_core.config import build
 from anomaly_core.data.manifest import Row
-from anomaly_core.methods.shared import Scores
+from anomaly_core.kit.scores import Scores
 from anomaly_core.store import FeatureStore
 
 Branch = Literal["visual", "clip"]
@@ -82,6 +84,14 @@ class Method:
       them at score time); an exported bundle then carries those features.
     * `curves(report) -> ({category: [per-epoch rows with "epoch"]}, summary)`: training curves of a fit report,
       logged with dvclive to `metrics/train/<name>/` (`dvc exp show`, `dvc plots`).
+    * `sections`: further params sections the method owns, {section: (config class, seeded)} (AA-CLIP's `aaclip`
+      and `aaclip_text`); `renamed`: old names of its section, refused with one line naming the new one.
+    * `stages`: the module (imported on demand) holding the functions of its `trained_by` stages, one per stage
+      name (`stage_function`).
+    * `deploy`: the module (imported on demand) with its own bundle: `write_bundle(inputs, out, card) -> card`,
+      `Predictor(bundle, card)` and optionally `onnx_graph(predictor, category)`. None: the generic bundle
+      (`deploy/generic.py`: the method's own `score` on the new images).
+    * `baseline`: the method it is compared with in `metrics/<name-prefix>_comparison.json` (VPT: plain kNN).
     """
 
     name: str
@@ -102,6 +112,25 @@ class Method:
     seeded: bool = False
     summary: str = ""
     curves: Callable[[dict[str, Any]], tuple[dict[str, list[dict]], dict[str, float]]] | None = None
+    sections: dict[str, tuple[type, bool]] = field(default_factory=dict)
+    renamed: tuple[str, ...] = ()
+    stages: str | None = None
+    deploy: str | None = None
+    baseline: str | None = None
+
+    def stage_function(self, stage: str) -> Callable:
+        """The function of one of its `trained_by` DVC stages (from the `stages` module)."""
+        import importlib
+
+        if stage not in self.trained_by or self.stages is None:
+            raise KeyError(f"{self.name} has no stage {stage!r} (trained by: {', '.join(self.trained_by) or 'none'})")
+        return getattr(importlib.import_module(self.stages), stage)
+
+    def deploy_module(self):
+        """Its deploy module (`write_bundle`, `Predictor`, optional `onnx_graph`), or None for the generic bundle."""
+        import importlib
+
+        return importlib.import_module(self.deploy) if self.deploy else None
 
     def build_config(self, params: dict[str, Any]) -> Any:
         """The typed config from the (resolved) params: section `self.section` (+ top-level `seed`)."""

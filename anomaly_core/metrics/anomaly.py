@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import (average_precision_score, confusion_matrix_at_thresholds, precision_recall_curve,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix_at_thresholds,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 __all__ = ["image_metrics", "pixel_metrics", "auroc_ap", "aupro", "roc_pr_curves"]
 

@@ -1,0 +1,273 @@
+"""AA-CLIP building blocks shared by training and scoring: configs, class anchors, similarity maps,
+the two stage losses and image scoring."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import kornia
+import torch
+import torch.nn.functional as F
+
+from anomaly_core.config import Checks
+from anomaly_core.errors import ConfigError, DataError
+from anomaly_core.kit.losses import orthogonal_loss, seg_loss
+from anomaly_core.kit.maps import mix_image_score
+from anomaly_core.kit.prompts import build_prompts
+from anomaly_core.methods.aaclip.modules import ImageAdapters, TextAdapters
+
+__all__ = [
+    "LOGIT_SCALE", "TextAdapterConfig", "ImageAdapterConfig", "class_anchors", "encode_prompts",
+    "similarity_map", "test_map", "text_stage_loss", "image_stage_loss", "encode_images", "score_images",
+    "stack_anchors", "check_image_size", "det_probability",
+]
+
+LOGIT_SCALE = 100.0
+"""Logit scale for every patch/image-vs-anchor cosine (CLIP's trained logit scale, AA-CLIP's map scale).
+The stage-2 classification loss uses it too (AA-CLIP feeds raw cosines to the cross-entropy, which leaves
+the loss almost flat around log 2); with 100 the det-token softmax is the same one used for scoring."""
+
+
+# ------------------------------------------------------------------------------------------ configs
+@dataclass
+class TextAdapterConfig:
+    """Stage 1 (text adapters). `adapt_until` is checked against the text depth when adapters are built."""
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-5
+    adapt_until: int = 3
+    adapt_weight: float = 0.1
+    text_norm_weight: float = 0.1
+    seed: int = 0
+
+    def validate(self, section: str = "aaclip_text") -> None:
+        Checks(section).positive(batch_size=self.batch_size, lr=self.lr) \
+            .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, text_norm_weight=self.text_norm_weight) \
+            .unit(adapt_weight=self.adapt_weight).done()
+
+
+@dataclass
+class ImageAdapterConfig:
+    """Stage 2 (image adapters). `image_size` must equal the backbone's input size; `milestones` count
+    optimizer steps (after gradient accumulation); `sigma`/`ksize` smooth the patch-grid test maps;
+    `augment` turns the stage-2 kornia augmentation off (ablations / tests)."""
+    epochs: int = 20
+    batch_size: int = 2
+    accum_steps: int = 1
+    lr: float = 5e-4
+    adapt_until: int = 6
+    adapt_weight: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [16000, 32000])
+    gamma: float = 0.5
+    image_size: int = 518
+    sigma: float = 1.0
+    ksize: int = 7
+    image_weight: float = 0.5
+    seed: int = 0
+    augment: bool = True
+
+    def validate(self, section: str = "aaclip_image") -> None:
+        Checks(section).positive(batch_size=self.batch_size, accum_steps=self.accum_steps, lr=self.lr,
+                                 gamma=self.gamma, image_size=self.image_size, ksize=self.ksize) \
+            .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, sigma=self.sigma) \
+            .that(self.ksize % 2 == 1, "ksize", self.ksize, "must be odd") \
+            .that(all(m > 0 for m in self.milestones), "milestones", self.milestones, "optimizer steps > 0") \
+            .unit(adapt_weight=self.adapt_weight, image_weight=self.image_weight).done()
+
+
+def check_image_size(cfg: ImageAdapterConfig, backbone) -> None:
+    """ConfigError unless cfg.image_size is the backbone's input size (ClipBackbone does not resize
+    positional embeddings, so AA-CLIP's 518 px needs a backbone built for 518)."""
+    if cfg.image_size != backbone.image_size:
+        raise ConfigError(f"aaclip_image.image_size={cfg.image_size}: backbone {backbone.name} takes "
+                          f"{backbone.image_size} px inputs (set it to {backbone.image_size})")
+
+
+# ------------------------------------------------------------------------------------------ text
+def _text_module(backbone):
+    return getattr(backbone.model, "text", None) or backbone.model
+
+
+@contextmanager
+def _causal_prefix(backbone, n: int) -> Iterator[bool]:
+    """Temporarily slice the text attention mask to n x n. Yields False (nothing changed) unless the mask
+    is causal and pooling takes the EOS token, the case where dropping the padding after the last EOS
+    leaves every EOS output exactly unchanged."""
+    text = _text_module(backbone)
+    mask = getattr(text, "attn_mask", None)
+    pool = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
+    causal = (mask is not None and mask.dim() == 2 and mask.shape[0] > n and pool == "argmax"
+              and torch.equal(torch.isinf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)))
+    if not causal:
+        yield False
+        return
+    text.attn_mask = mask[:n, :n]
+    try:
+        yield True
+    finally:
+        text.attn_mask = mask
+
+
+def encode_prompts(backbone, token_ids: torch.Tensor, adapters: TextAdapters | None = None) -> torch.Tensor:
+    """Token ids [T, 77] -> text embeddings [T, E] (not normalised), through the adapters when given.
+
+    The padding after the longest prompt's EOS is cut off when the text mask is causal (CLIP), which
+    gives the same embeddings ~5x faster (prompts are ~16 of 77 tokens).
+    """
+    hook, final = (adapters.hook, adapters.final) if adapters is not None else (None, None)
+    n = int(token_ids.argmax(dim=-1).max()) + 1
+    with _causal_prefix(backbone, n) as short:
+        ids = token_ids[:, :n] if short else token_ids
+        return backbone.encode_text(ids, hook=hook, final=final)
+
+
+def class_anchors(backbone, text_adapters: TextAdapters | None, class_names: Sequence[str]) -> torch.Tensor:
+    """Class names -> [C, 2, E] normalised (normal, abnormal) anchors from the prompt ensemble.
+
+    Each anchor is the normalised mean of the normalised prompt embeddings. No torch.no_grad here:
+    gradients reach the text adapters when they train (wrap the call yourself for inference).
+    """
+    device = next(backbone.parameters()).device
+    out = []
+    for name in class_names:
+        normal, abnormal = build_prompts(name)
+        ids = backbone.tokenize(normal + abnormal).to(device)  # [Pn + Pa, 77]
+        emb = F.normalize(encode_prompts(backbone, ids, text_adapters), dim=-1)  # [Pn + Pa, E]
+        groups = [emb[: len(normal)].mean(0), emb[len(normal):].mean(0)]
+        out.append(F.normalize(torch.stack(groups), dim=-1))  # [2, E]
+    return torch.stack(out)
+
+
+def stack_anchors(anchors_by_class: dict[str, torch.Tensor], class_names: Sequence[str]) -> torch.Tensor:
+    """Per-sample anchors: {class: [2, E]} and B class names -> [B, 2, E] (DataError for an unknown class)."""
+    missing = sorted(set(class_names) - set(anchors_by_class))
+    if missing:
+        raise DataError(f"no AA-CLIP text anchors for class(es) {missing} (known: {sorted(anchors_by_class)}); "
+                        f"re-run the text-adapter stage on these categories")
+    return torch.stack([anchors_by_class[c] for c in class_names])
+
+
+# ------------------------------------------------------------------------------------------ maps
+def _grid_logits(tokens: torch.Tensor, anchors: torch.Tensor, grid: int, scale: float) -> torch.Tensor:
+    """tokens [B, L, E], anchors [B, 2, E] or [2, E] -> logits on the patch grid [B, 2, grid, grid]."""
+    b, length, _ = tokens.shape
+    if length != grid * grid:
+        raise DataError(f"{length} patch tokens do not form a {grid}x{grid} grid (features from another backbone?)")
+    a = anchors.expand(b, -1, -1) if anchors.dim() == 2 else anchors  # [B, 2, E]
+    logits = scale * tokens @ a.transpose(1, 2)  # [B, L, 2]
+    return logits.transpose(1, 2).reshape(b, 2, grid, grid)
+
+
+def similarity_map(tokens: torch.Tensor, anchors: torch.Tensor, grid: int, out_size: int,
+                   scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """tokens [B, L, E], anchors [B, 2, E] -> logits [B, 2, out, out] (bilinear upsampling of the grid;
+    apply softmax over dim 1 for the training probabilities)."""
+    logits = _grid_logits(tokens, anchors, grid, scale)
+    return F.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=False)
+
+
+def test_map(tokens: torch.Tensor | Sequence[torch.Tensor], anchors: torch.Tensor, grid: int, out_size: int,
+             sigma: float = 1.0, ksize: int = 7, scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """Test-time anomaly map: tokens [B, L, E] (or a list of levels, averaged) -> [B, out, out] in [0, 1].
+
+    Per level: p = softmax of the patch logits, map = (p_abnormal + 1 - p_normal) / 2 on the grid, Gaussian
+    blur (kornia, ksize x ksize, sigma; skipped for sigma 0), bilinear upsampling.
+    """
+    if not isinstance(tokens, torch.Tensor):
+        return torch.stack([test_map(t, anchors, grid, out_size, sigma, ksize, scale) for t in tokens]).mean(0)
+    p = _grid_logits(tokens, anchors, grid, scale).softmax(dim=1)  # [B, 2, g, g]
+    m = ((p[:, 1] + 1.0 - p[:, 0]) / 2.0)[:, None]  # [B, 1, g, g]
+    if sigma > 0:
+        m = kornia.filters.gaussian_blur2d(m, (ksize, ksize), (sigma, sigma), border_type="reflect")
+    return F.interpolate(m, size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+test_map.__test__ = False  # not a pytest test when imported into a test module
+
+
+# ------------------------------------------------------------------------------------------ losses
+def text_stage_loss(levels: Sequence[torch.Tensor], global_emb: torch.Tensor, masks: torch.Tensor,
+                    anchors: torch.Tensor, grid: int, text_norm_weight: float = 0.1
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-1 loss: SUM over ALL levels of seg_loss + text_norm_weight * orthogonal_loss(anchors).
+
+    levels: [B, L, E] frozen patch tokens (after ln_post + proj) per level; global_emb [B, E];
+    masks [B, S, S]; anchors [B, 2, E] per-sample normalised anchors -> (scalar loss, float parts).
+    As in AA-CLIP, the normalised global embedding is added to every normalised patch token.
+    (AA-CLIP's train.py overwrites the loss inside the level loop so only the last level counts; fixed.)
+    """
+    g = F.normalize(global_emb.float(), dim=-1)[:, None]  # [B, 1, E]
+    seg = anchors.new_zeros(())
+    for t in levels:  # accumulate: every level contributes
+        seg = seg + seg_loss(similarity_map(F.normalize(t.float(), dim=-1) + g, anchors, grid, masks.shape[-1])
+                             .softmax(dim=1), masks)
+    orth = orthogonal_loss(anchors)
+    return seg + text_norm_weight * orth, {"seg": float(seg.detach()), "orth": float(orth.detach())}
+
+
+def image_stage_loss(seg_tokens: Sequence[torch.Tensor], det: torch.Tensor, anchors: torch.Tensor,
+                     masks: torch.Tensor, labels: torch.Tensor, grid: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-2 loss: CE(LOGIT_SCALE * det . anchors, label) + SUM over levels of seg_loss.
+
+    seg_tokens: [B, L, E] normalised per level; det [B, E]; anchors [B, 2, E]; masks [B, S, S];
+    labels [B] (0 normal, 1 anomalous) -> (scalar loss, float parts).
+    """
+    logits = LOGIT_SCALE * (det[:, None, :] * anchors).sum(-1)  # [B, 2]
+    cls = F.cross_entropy(logits.float(), labels.long())
+    seg = det.new_zeros((), dtype=torch.float32)
+    for t in seg_tokens:
+        seg = seg + seg_loss(similarity_map(t.float(), anchors, grid, masks.shape[-1]).softmax(dim=1), masks)
+    return cls + seg, {"cls": float(cls.detach()), "seg": float(seg.detach())}
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def encode_images(backbone, image_adapters: ImageAdapters | None, x: torch.Tensor
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """x [B, 3, S, S] normalised -> (seg tokens n_levels x [B, L, E], det [B, E] normalised).
+
+    Without image adapters (text adapters only), the tokens are the frozen ln_post+proj patch tokens,
+    normalised, plus the normalised global embedding (exactly what stage 1 trained the anchors on), and
+    det is the normalised global embedding.
+    """
+    if image_adapters is not None:
+        return image_adapters(backbone, x)
+    levels, final = backbone.vision_tokens(x)
+    g = F.normalize(backbone.pool_global(final), dim=-1)  # [B, E]
+    seg = [F.normalize(backbone.project_tokens(t[:, 1:]), dim=-1) + g[:, None] for t in levels]
+    return seg, g
+
+
+def det_probability(det: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """det [B, E], anchors [B, 2, E] -> softmax abnormal probability [B] at LOGIT_SCALE."""
+    return (LOGIT_SCALE * (det[:, None, :] * anchors).sum(-1)).softmax(-1)[:, 1]
+
+
+@torch.no_grad()
+def score_images(backbone, image_adapters: ImageAdapters | None, anchors_by_class: dict[str, torch.Tensor],
+                 images: torch.Tensor, class_names: Sequence[str], cfg: ImageAdapterConfig,
+                 out_size: int | None = None, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """images uint8 [N, H, W, 3], N class names -> (image scores [N], maps [N, out, out]) on CPU, float32.
+
+    Maps: test_map averaged over levels (cfg.sigma, cfg.ksize). Image score:
+    cfg.image_weight * p_abnormal(det) + (1 - cfg.image_weight) * max(map), both in [0, 1].
+    `out_size` defaults to the backbone input size; pass data.image_size for the score files.
+    """
+    from anomaly_core.backbones import preprocess
+
+    if len(class_names) != len(images):
+        raise DataError(f"{len(images)} images but {len(class_names)} class names")
+    device = next(backbone.parameters()).device
+    out_size = int(out_size or backbone.image_size)
+    if image_adapters is not None:
+        image_adapters.eval()
+    scores, maps = [], []
+    for s in range(0, len(images), batch_size):
+        x = preprocess(images[s: s + batch_size], backbone.image_size, backbone.mean, backbone.std).to(device)
+        a = stack_anchors(anchors_by_class, class_names[s: s + batch_size]).to(device).float()  # [b, 2, E]
+        seg, det = encode_images(backbone, image_adapters, x)
+        m = test_map([t.float() for t in seg], a, backbone.grid, out_size, cfg.sigma, cfg.ksize)  # [b, S, S]
+        p = det_probability(det.float(), a)
+        scores.append(mix_image_score(p, m, cfg.image_weight).cpu())
+        maps.append(m.cpu())
+    return torch.cat(scores), torch.cat(maps)

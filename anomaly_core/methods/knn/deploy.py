@@ -1,0 +1,128 @@
+"""The kNN bundle: what it holds, how it predicts (PyTorch engine) and its ONNX graph.
+
+Bundle layout (`kind: knn`)::
+
+    model.json                      card: method, kind, params, thresholds, val/test metrics, protocol, data hash
+    backbone_<branch>.safetensors   the frozen backbone's weights (rebuilt from its name, then loaded)
+    knn/<category>.safetensors      the kNN memory bank [M, D] of each category
+
+Both engines score with `kit.knn.score_patches` (the pipeline's `PatchKnn.predict`): the PyTorch engine with the
+blocked exact search, the ONNX graph with `kit.knn.dense_search` (one block, traceable), so they cannot drift.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from anomaly_core.config import build
+from anomaly_core.data.holdout import shot_rows
+from anomaly_core.data.manifest import categories
+from anomaly_core.deploy.bundle import FORMAT, BundleInputs, load_backbone, read_card, require_category, save_backbone
+from anomaly_core.io import load_tensors, save_tensors, write_json
+from anomaly_core.kit.knn import KnnConfig, PatchKnn, dense_search, score_patches
+from anomaly_core.kit.patches import clip_patches, cnn_patches, patch_grid
+from anomaly_core.store import FeatureStore, level_list
+
+__all__ = ["write_bundle", "Predictor", "onnx_graph", "load_bank"]
+
+KIND = "knn"
+
+
+def load_bank(bundle: Path, category: str) -> torch.Tensor:
+    """The kNN memory bank [M, D] float32 of `category`."""
+    return load_tensors(Path(bundle) / "knn" / f"{category}.safetensors")[0]["bank"]
+
+
+def write_bundle(inputs: BundleInputs, out: Path, card: dict[str, Any]) -> dict:
+    """Write a kNN bundle to `out`: the bank of every category (built exactly as the score stage builds it from
+    the cached features), the backbone weights, and `model.json` = `card` + what `predict` needs."""
+    out = Path(out)
+    cfg = build(KnnConfig, inputs.params["score"][inputs.method]["knn"], "knn")  # what score@knn read
+    store, rows = FeatureStore(inputs.features), inputs.rows
+    grids = {cat: (lambda cat=cat: patch_grid(store, cfg.branch, shot_rows(rows, cat), cfg.patch_aggregate,
+                                              cfg.patch_pad)) for cat in categories(rows)}
+    banks = {}
+    for cat, knn in PatchKnn.fit_each(grids, cfg, inputs.seed):
+        save_tensors(out / "knn" / f"{cat}.safetensors", {"bank": knn.bank.contiguous()})  # [M, D] float32
+        banks[cat] = list(knn.bank.shape)
+    backbone = save_backbone(out, cfg.branch, inputs.params["backbones"][cfg.branch])
+    card = {**card, "format": FORMAT, "exported": True, "kind": KIND, "image_size": inputs.size,
+            "features_dtype": inputs.dtype, "knn": asdict(cfg), "backbone": {cfg.branch: backbone},
+            "banks": banks, "categories": sorted(banks)}
+    write_json(out / "model.json", card)
+    return card
+
+
+class Predictor:
+    """The PyTorch engine of a kNN bundle: uint8 images [B, S, S, 3] -> (image scores [B], maps [B, size, size])."""
+
+    transductive = False
+
+    def __init__(self, bundle: str | Path, card: dict | None = None):
+        self.bundle = Path(bundle)
+        self.card = card or read_card(self.bundle)
+        self.cfg = build(KnnConfig, self.card["knn"], "model.json knn")
+        self.branch, entry = next(iter(self.card["backbone"].items()))
+        self.grid_side = entry.get("grid")
+        self.backbone = load_backbone(self.bundle, entry)
+        self.image_size = int(entry["image_size"])  # the backbone's input size
+        self.size = int(self.card["image_size"])    # map resolution (data.image_size)
+        self.dtype = getattr(torch, self.card["features_dtype"])
+        self._banks: dict[str, torch.Tensor] = {}
+
+    def bank(self, category: str) -> torch.Tensor:
+        if category not in self._banks:
+            require_category(self.card, category)
+            self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
+        return self._banks[category]
+
+    def descriptors(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone levels (float32, after the cache-dtype round trip) -> patch descriptors [B, h, w, D]."""
+        if self.branch == "clip":
+            return clip_patches(levels, self.grid_side)
+        return cnn_patches(levels, self.cfg.patch_aggregate, self.cfg.patch_pad)
+
+    @torch.no_grad()
+    def grid(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S, 3] -> patch descriptors [B, h, w, D], exactly as the pipeline computes them."""
+        from anomaly_core.features import encode_batch
+
+        return self.descriptors([lvl.float() for lvl in level_list(encode_batch(self.backbone, images, self.dtype))])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, category: str, paths: Sequence[str] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return PatchKnn(self.bank(category), self.cfg).predict(self.grid(images), self.size)
+
+
+class KnnGraph(nn.Module):
+    """The whole kNN scoring of one category as one traceable module (no Python loops over images or blocks):
+    normalisation, backbone, cast to the cache dtype and back, patch descriptors, then `score_patches` with the
+    bank as a constant and `dense_search`."""
+
+    def __init__(self, predictor: Predictor, category: str):
+        super().__init__()
+        bb = predictor.backbone
+        self.backbone, self.predictor, self.cfg = bb, predictor, predictor.cfg
+        self.size, self.dtype = predictor.size, predictor.dtype
+        bank = predictor.bank(category).float()  # [M, D]
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_sq", (bank * bank).sum(1))  # [M]
+        self.register_buffer("mean", torch.tensor(bb.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(bb.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images float [B, S, S, 3] in 0..255 -> (score [B], map [B, size, size])."""
+        x = (images.permute(0, 3, 1, 2) / 255.0 - self.mean) / self.std  # [B, 3, S, S]
+        grid = self.predictor.descriptors([lvl.to(self.dtype).float() for lvl in self.backbone(x)["levels"]])
+        search = lambda q, k: dense_search(q, self.bank, self.bank_sq, k)
+        return score_patches(grid, self.bank, self.cfg, self.size, search, search)
+
+
+def onnx_graph(predictor: Predictor, category: str) -> nn.Module:
+    """The traceable graph of one category: images float [B, S, S, 3] 0..255 -> (score [B], map [B, size, size])."""
+    return KnnGraph(predictor, category)

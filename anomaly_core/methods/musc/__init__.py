@@ -1,0 +1,93 @@
+"""MuSc (ICLR 2024): zero-shot, training-free and shot-free mutual scoring. Each val/test image's patches are
+scored against the patches of the other unlabeled val/test images of its category (never their labels), for
+several neighbourhood sizes (LNAMD), averaged; image scores (map maxima) are re-scored over each image's most
+similar images (RsCIN). Transductive: an image's score depends on the other test images (said in `_protocol`).
+The mutual-scoring maths is in `mutual.py`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from anomaly_core.data.manifest import Row, rows_for
+from anomaly_core.errors import ConfigError
+from anomaly_core.kit.maps import image_score_from_map, to_image_maps
+from anomaly_core.kit.patches import cnn_patches
+from anomaly_core.kit.scores import Scores, score_splits
+from anomaly_core.methods.base import Context, Method, branch_of
+from anomaly_core.methods.musc.mutual import mutual_scores, rescore
+from anomaly_core.store import FeatureStore
+
+
+@dataclass
+class MuscConfig:
+    branch: Literal["visual", "clip"] = "visual"
+    aggregate_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])  # LNAMD neighbourhoods r
+    topmin: float = 0.3          # MSM: mean of the smallest 30 % of the per-image nearest distances
+    rescore_k: list[int] = field(default_factory=lambda: [2, 3])  # RsCIN neighbourhood sizes ([] = off)
+    sigma: float = 4.0           # Gaussian smoothing of the maps (pixels)
+
+    def validate(self, section: str) -> None:
+        if not self.aggregate_sizes or any(r < 1 or r % 2 == 0 for r in self.aggregate_sizes):
+            raise ConfigError(f"{section}.aggregate_sizes={self.aggregate_sizes}: odd sizes >= 1, at least one")
+        if not 0.0 < self.topmin <= 1.0:
+            raise ConfigError(f"{section}.topmin={self.topmin}: must be in (0, 1]")
+        if any(k < 1 for k in self.rescore_k):
+            raise ConfigError(f"{section}.rescore_k={self.rescore_k}: sizes >= 1")
+        if self.sigma < 0:
+            raise ConfigError(f"{section}.sigma={self.sigma}: must be >= 0")
+
+
+def clip_grid_tokens(levels: list[torch.Tensor], grid: int, r: int) -> torch.Tensor:
+    """CLIP tokens [N, g*g, E] per level -> r x r averaged, per-level normalised, concatenated [N, g, g, levels*E]."""
+    out = []
+    for lvl in levels:
+        x = lvl.float().reshape(lvl.shape[0], grid, grid, -1).permute(0, 3, 1, 2)  # [N, E, g, g]
+        if r > 1:
+            x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=False)
+        out.append(F.normalize(x.permute(0, 2, 3, 1), dim=-1))
+    return torch.cat(out, dim=-1)
+
+
+def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One category's unlabeled pool -> (image scores [N], maps [N, size, size])."""
+    feats = store.get(cfg.branch, rows)
+    levels = store.levels(feats)
+    if cfg.branch == "clip":
+        g = store.info["clip"]["grid"]
+        grids = [clip_grid_tokens(levels, int(g[0] if isinstance(g, (list, tuple)) else g), r)
+                 for r in cfg.aggregate_sizes]
+        glob = feats["global"]
+    else:
+        grids = [cnn_patches(levels, r) for r in cfg.aggregate_sizes]
+        glob = levels[-1].float().mean(dim=(2, 3))  # [N, C] global average of the deepest level
+    patch = torch.stack([mutual_scores(g_, cfg.topmin) for g_ in grids]).mean(0)  # [N, h, w]
+    maps = to_image_maps(patch, size, cfg.sigma)
+    return rescore(image_score_from_map(maps, "max"), glob, cfg.rescore_k), maps
+
+
+def score(ctx: Context, states: dict) -> Scores:
+    pooled: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+
+    def prepare(cat: str) -> None:  # the whole unlabeled pool of the category: its val and test images
+        pool = rows_for(ctx.rows, cat, "val") + rows_for(ctx.rows, cat, "test")
+        pooled.clear()
+        pooled[cat] = ([r.id for r in pool], *musc_pool(ctx.store, pool, ctx.cfg, ctx.size))
+
+    def part(cat: str, rows: list[Row]):
+        ids, image, maps = pooled[cat]
+        idx = torch.tensor([ids.index(r.id) for r in rows])
+        return image[idx], maps[idx]
+
+    return score_splits(ctx.rows, part, prepare)
+
+
+METHOD = Method(
+    name="musc", section="musc", config=MuscConfig, role="visual", score=score, branches=branch_of("musc.branch"),
+    transductive=True,
+    summary="MuSc: zero-shot mutual scoring of each val/test image's patches against the other unlabeled val/test "
+            "images of its category (LNAMD sizes `aggregate_sizes`, interval mean `topmin`), RsCIN re-scoring "
+            "(`rescore_k`); no shots, no training; transductive",
+)
