@@ -313,14 +313,16 @@ def test_demo_knn_param_rescores_only_knn_methods(demo_repo: Repo):
 
 def test_demo_editing_one_methods_code_reruns_only_its_stages(demo_repo: Repo):
     """A comment in `anomaly_core/methods/vpt_knn/` re-runs fit@vpt_knn, score@vpt_knn and what reads their outputs
-    (fuse, evaluate, export), and no other method's fit@ / score@ stage (each depends on its own folder + the kit)."""
+    (fuse, evaluate, export), and no other method's fit@ / score@ stage (each depends on its own folder + the kit).
+    `validate` checks every method's config section, so it depends on every method folder and re-runs too; its
+    output (data/config) is unchanged, so nothing re-runs because of it."""
     repo = demo_repo
     target = repo.root / "anomaly_core" / "methods" / "vpt_knn" / "vpt.py"
     target.write_text(target.read_text() + "\n# a comment: the code is the same\n")
     out, _ = repo.repro("comment in methods/vpt_knn")
     per_method = [s for s in ran(out) if s.startswith(("fit@", "score@"))]
     assert per_method == ["fit@vpt_knn", "score@vpt_knn"], ran(out)
-    assert set(ran(out)) <= {"fit@vpt_knn", "score@vpt_knn", "fuse", "evaluate", "export"}, ran(out)
+    assert set(ran(out)) <= {"validate", "fit@vpt_knn", "score@vpt_knn", "fuse", "evaluate", "export"}, ran(out)
     assert "up to date" in repo.dvc("status").lower()
     repo.commit("e2e: comment in vpt_knn")
 
