@@ -195,9 +195,20 @@ def rule_export_method(params: dict[str, Any], configs: Configs, known: Sequence
     return [f"export.method={export.method!r}: 'best', 'fusion' or one of {list(known)}"]
 
 
+def rule_tiling_stages(params: dict[str, Any], configs: Configs) -> list[str]:
+    """`tiling.enabled: true` is refused by the DVC stages (they run at data.image_size): one line saying where
+    the tiled kNN runs today."""
+    tiling = configs.get("tiling")
+    if tiling is None or not tiling.enabled:
+        return []
+    return ["tiling.enabled=True: the DVC stages do not tile yet (features, score@knn and evaluate run at "
+            "data.image_size); the tiled kNN runs with anomaly_core.methods.knn.tiled (scripts/tiling_benchmark.py)"]
+
+
 DEFAULT_RULES: list[Rule] = [
     rule_same_value("aaclip_image.image_size", "backbones.clip.image_size"),
     rule_demo_shots,
+    rule_tiling_stages,
 ]
 
 
@@ -213,6 +224,7 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
     from anomaly_core.deploy.export import ExportConfig
     from anomaly_core.deploy.thresholds import ThresholdConfig
     from anomaly_core.fusion import FusionConfig
+    from anomaly_core.kit.tiling import TilingConfig
     from anomaly_core.methods import get_method, method_names
 
     seeded = ("seed",)
@@ -227,6 +239,7 @@ def default_schema(methods: Sequence[str] | None = None) -> Schema:
         "export": Section(ExportConfig),
         "threshold": Section(ThresholdConfig),
         "dist": Section(DistConfig),
+        "tiling": Section(TilingConfig),
     }
     methods = method_names() if methods is None else methods
     renamed = {}

@@ -67,3 +67,88 @@ def test_tiling_config_checks_name_the_key():
                      ({"resolution": "full"}, "tiling.resolution='full'"), ({"resolution": 100}, "tiling.resolution=100")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("'", "'")):
             build(TilingConfig, bad, "tiling")
+
+
+# ----------------------------------------------------------------------------------------------- tiled kNN
+
+from dataclasses import replace  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from anomaly_core.kit.knn import KnnConfig, PatchKnn  # noqa: E402
+from anomaly_core.methods.knn.tiled import TiledKnn, check_tiled  # noqa: E402
+
+
+def test_one_tile_covering_the_image_is_the_untiled_knn():
+    g = torch.Generator().manual_seed(1)
+    shots, tests = torch.randn(3, 7, 7, 5, generator=g), torch.randn(2, 7, 7, 5, generator=g)
+    for image_score in ("reweight", "max", "topk_mean"):
+        cfg = KnnConfig(image_score=image_score, sigma=2.0)
+        tiling = TilingConfig(enabled=True, tile=56, stride=56)
+        ref_image, ref_maps = PatchKnn.fit(shots, cfg).predict(tests, 56)
+        image, maps = TiledKnn.fit(shots, 1, cfg, tiling).predict(tests, tile_grid(56, 56, 56, 56), (56, 56), 56)
+        assert torch.allclose(maps, ref_maps, atol=1e-5) and torch.allclose(image, ref_image, atol=1e-5)
+
+
+def test_tiled_maps_are_stitched_nearest_distances_of_each_tile():
+    """Two tiles per image, position-aware banks: each tile's patch distances are the cdist minima against the
+    shots' tiles at the same position; the stitched map (no smoothing, nearest upsampling) averages the overlap."""
+    g = torch.Generator().manual_seed(2)
+    n_tiles, p, d = 2, 4, 3  # tiles 8 px = 4 patches of 2 px (nearest upsampling), stride 4 along x
+    shots, tests = torch.randn(2 * n_tiles, p, p, d, generator=g), torch.randn(1 * n_tiles, p, p, d, generator=g)
+    cfg = KnnConfig(image_score="max", sigma=0.0, upsample="nearest")
+    tiling = TilingConfig(enabled=True, tile=8, stride=4, position_aware=True)
+    offsets = tile_grid(8, 12, 8, 4)
+    assert offsets.tolist() == [[0, 0], [0, 4]]
+    image, maps = TiledKnn.fit(shots, n_tiles, cfg, tiling).predict(tests, offsets, (8, 12), 12)
+    per_tile = []
+    for j in range(n_tiles):
+        bank = shots.reshape(2, n_tiles, p, p, d)[:, j].reshape(-1, d)
+        dist = torch.cdist(tests[j].reshape(-1, d), bank).min(1).values.reshape(p, p)
+        per_tile.append(dist.repeat_interleave(2, 0).repeat_interleave(2, 1))  # [8, 8]
+    want = torch.zeros(8, 12)
+    want[:, :4] = per_tile[0][:, :4]
+    want[:, 4:8] = (per_tile[0][:, 4:] + per_tile[1][:, :4]) / 2
+    want[:, 8:] = per_tile[1][:, 4:]
+    want = torch.nn.functional.interpolate(want[None, None], size=(12, 12), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(maps[0], want, atol=1e-5) and torch.isclose(image[0], want.max(), atol=1e-6)
+
+
+def test_tiled_knn_refusals_are_one_line():
+    with pytest.raises(ConfigError, match="knn.branch=visual"):
+        check_tiled(KnnConfig(branch="clip"), TilingConfig(enabled=True))
+    with pytest.raises(ConfigError, match="position_aware=true with knn.image_score=reweight"):
+        check_tiled(KnnConfig(), TilingConfig(enabled=True, position_aware=True))
+    check_tiled(replace(KnnConfig(), image_score="max"), TilingConfig(enabled=True, position_aware=True))
+
+
+def test_params_tiling_section_enabled_is_refused_by_the_stages():
+    from pathlib import Path
+
+    import yaml
+
+    from anomaly_core.validation import default_schema, validate_params
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert validate_params(params, default_schema()) == []
+    on = {**params, "tiling": {**params["tiling"], "enabled": True}}
+    (line,) = validate_params(on, default_schema())
+    assert line.startswith("tiling.enabled=True: the DVC stages do not tile yet")
+    bad = {**params, "tiling": {**params["tiling"], "stride": 300}}
+    assert validate_params(bad, default_schema()) == ["tiling.stride=300: must be <= tile (224): tiles must cover the image"]
+
+
+def test_small_defect_tree_keeps_defects_narrow_at_1024_px():
+    from PIL import Image
+
+    from anomaly_core.data.demo import render_sample
+
+    for defect in ("scratch", "hole", "stain", "foreign"):
+        clean, img, mask = render_sample(0, "grass", f"test/{defect}/0", defect, 1024, (4.0, 16.0))
+        assert mask.shape == (1024, 1024) and 6 <= mask.sum() <= 2000, (defect, mask.sum())
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((224, 224), Image.NEAREST)) > 0
+        assert small.sum() < mask.sum() / 10  # at 224 px most of each defect is gone from the mask itself
+    # the default (no defect_px) images are unchanged by the option's existence
+    a = render_sample(0, "grass", "test/hole/0", "hole", 256)
+    b = render_sample(0, "grass", "test/hole/0", "hole", 256, None)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

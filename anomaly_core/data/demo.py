@@ -175,20 +175,27 @@ class _Spec:
     cx: float
     radius: float
     contrast: float
+    width: float | None = None  # small-defect mode (`defect_px`): the defect's width in px
 
 
-def _draw_spec(rng: np.random.Generator, size: int, allowed: np.ndarray | None) -> _Spec:
-    """Log-uniform radius (5%..16% of the image, smaller on objects), uniform contrast in [0.3, 1]."""
+def _draw_spec(rng: np.random.Generator, size: int, allowed: np.ndarray | None,
+               defect_px: tuple[float, float] | None = None) -> _Spec:
+    """Log-uniform radius (5%..16% of the image, smaller on objects), uniform contrast in [0.3, 1]. With
+    `defect_px` = (lo, hi): a log-uniform width in [lo, hi] px whatever the image size (radius = width / 2)."""
     radius = size * float(np.exp(rng.uniform(np.log(0.05), np.log(0.16))))
     contrast = float(rng.uniform(0.3, 1.0))
+    width = None
+    if defect_px is not None:
+        width = float(np.exp(rng.uniform(np.log(defect_px[0]), np.log(defect_px[1]))))
+        radius, contrast = width / 2, 0.5 + 0.5 * contrast
     if allowed is None:
         cy, cx = rng.uniform(0.1 * size, 0.9 * size, 2)
-        return _Spec(float(cy), float(cx), radius, contrast)
+        return _Spec(float(cy), float(cx), radius, contrast, width)
     radius *= 0.75
     dist = ndimage.distance_transform_edt(allowed)
     ys, xs = np.nonzero(dist >= min(radius * 0.5, dist.max() * 0.7))
     i = rng.integers(len(ys))
-    return _Spec(float(ys[i]), float(xs[i]), radius, contrast)
+    return _Spec(float(ys[i]), float(xs[i]), radius, contrast, width)
 
 
 def _segment_distance(yy, xx, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
@@ -202,14 +209,15 @@ def _scratch(rng, img, spec: _Spec, ctx) -> tuple[np.ndarray, np.ndarray]:
     """Thin random polyline, lighter or darker. Returns (target [H,W,3], alpha [H,W])."""
     yy, xx = _grid(img.shape[0])
     n_seg = int(rng.integers(2, 5))
-    seg_len = spec.radius * rng.uniform(2.5, 5.0) / n_seg
+    length = spec.radius * rng.uniform(2.5, 5.0) if spec.width is None else spec.width * rng.uniform(6.0, 12.0)
+    seg_len = length / n_seg
     angle = rng.uniform(0, 2 * np.pi)
     pts = [np.array([spec.cy, spec.cx]) - seg_len * n_seg / 2 * np.array([np.sin(angle), np.cos(angle)])]
     for _ in range(n_seg):
         angle += rng.normal(0.0, 0.45)
         pts.append(pts[-1] + seg_len * np.array([np.sin(angle), np.cos(angle)]))
     dist = np.minimum.reduce([_segment_distance(yy, xx, a, b) for a, b in zip(pts[:-1], pts[1:])])
-    width = max(1.0, img.shape[0] / 256 * rng.uniform(2.0, 5.0))
+    width = max(1.0, img.shape[0] / 256 * rng.uniform(2.0, 5.0)) if spec.width is None else spec.width
     alpha = np.clip(width / 2 + 0.5 - dist, 0.0, 1.0)
     sign = 1.0 if rng.random() < 0.5 else -1.0
     return img + sign * (15.0 + 130.0 * spec.contrast), alpha
@@ -280,12 +288,13 @@ _DEFECTS = {"scratch": _scratch, "hole": _hole, "stain": _stain, "foreign": _for
 
 
 def _apply_defect(
-    rng: np.random.Generator, defect: str, img: np.ndarray, allowed: np.ndarray | None, category: str
+    rng: np.random.Generator, defect: str, img: np.ndarray, allowed: np.ndarray | None, category: str,
+    defect_px: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one defect. Returns (image float32 [S,S,3], mask bool [S,S] == changed region)."""
     ctx = {"photo": TEXTURES[category][0] if category in TEXTURES else None}
     for _ in range(50):
-        spec = _draw_spec(rng, img.shape[0], allowed)
+        spec = _draw_spec(rng, img.shape[0], allowed, defect_px)
         target, alpha = _DEFECTS[defect](rng, img, spec, ctx)
         alpha = np.where(alpha < _ALPHA_FLOOR, 0.0, alpha).astype(np.float32)
         if allowed is not None:
@@ -298,7 +307,8 @@ def _apply_defect(
 
 
 def render_sample(
-    seed: int, category: str, key: str, defect: str | None, size: int
+    seed: int, category: str, key: str, defect: str | None, size: int,
+    defect_px: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one demo image deterministically from (seed, category, key).
 
@@ -313,7 +323,7 @@ def render_sample(
     clean_u8 = np.round(clean).astype(np.uint8)
     if defect is None:
         return clean_u8, clean_u8, np.zeros((size, size), bool)
-    out, mask = _apply_defect(rng, defect, clean_u8.astype(np.float32), allowed, category)
+    out, mask = _apply_defect(rng, defect, clean_u8.astype(np.float32), allowed, category, defect_px)
     return clean_u8, np.round(np.clip(out, 0, 255)).astype(np.uint8), mask
 
 
@@ -350,11 +360,12 @@ def _category_jobs(root: Path, category: str, counts: dict[str, int]) -> list[tu
     return jobs
 
 
-def _write_image(root: Path, seed: int, size: int, job: tuple[str, str, str, int]) -> None:
+def _write_image(root: Path, seed: int, size: int, job: tuple[str, str, str, int],
+                 defect_px: tuple[float, float] | None = None) -> None:
     """Render and write one image (and its mask for defect images)."""
     category, split, kind, i = job
     defect = None if kind == "good" else kind
-    _, img, mask = render_sample(seed, category, f"{split}/{kind}/{i}", defect, size)
+    _, img, mask = render_sample(seed, category, f"{split}/{kind}/{i}", defect, size, defect_px)
     _save_png(img, root / category / split / kind / f"{i:03d}.png")
     if defect is not None:
         _save_png(mask.astype(np.uint8) * 255, root / category / "ground_truth" / kind / f"{i:03d}_mask.png")
@@ -368,11 +379,13 @@ def generate_demo(
     n_test_good: int = 16,
     n_test_defect_per_type: int = 6,
     size: int = 256,
+    defect_px: tuple[float, float] | None = None,
 ) -> list[str]:
     """Write a synthetic MVTec-AD layout tree under ``root`` (byte-identical for equal args).
 
     Existing ``root/<category>`` directories are replaced. Images are ``size x size`` RGB PNGs,
-    masks 0/255 grayscale PNGs named ``<stem>_mask.png``.
+    masks 0/255 grayscale PNGs named ``<stem>_mask.png``. ``defect_px=(lo, hi)`` draws small defects of a
+    width in [lo, hi] px whatever ``size`` (the high-resolution tree of the tiling benchmark: size 1024, (4, 16)).
 
     Returns:
         the category names written.
@@ -392,5 +405,5 @@ def generate_demo(
     _photos()  # load once before the worker threads start
     # every image has its own Generator, so the thread schedule cannot change the output
     with ThreadPoolExecutor(max_workers=_n_workers()) as pool:
-        list(pool.map(lambda job: _write_image(root, seed, size, job), jobs))
+        list(pool.map(lambda job: _write_image(root, seed, size, job, defect_px), jobs))
     return cats
