@@ -25,6 +25,15 @@ def masks_for(rows: Sequence[Row], size: int) -> np.ndarray:
     return out
 
 
+def at_size(maps: np.ndarray, size: int) -> np.ndarray:
+    """Maps [N, h, w] -> [N, size, size] float32 (bilinear, align_corners False); the same array when already that
+    size (the default path's metrics are untouched)."""
+    if maps.shape[-2:] == (size, size):
+        return maps
+    x = torch.from_numpy(np.ascontiguousarray(maps)).float()[:, None]
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
 def align(rows: Sequence[Row], ids: Sequence[str], image: torch.Tensor, maps: torch.Tensor):
     """Reorder a method's scores to the rows' order; every row must have a score."""
     index = {i: n for n, i in enumerate(ids)}

@@ -53,13 +53,16 @@ def heatmaps(path: Path, rows, image, maps, masks, size: int, n: int, method: st
 
 
 def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_heatmaps: int, metrics: Path,
-                     reports: Path, progress: bool = False) -> tuple[dict, dict]:
+                     reports: Path, progress: bool = False, pixel_size: int = 0) -> tuple[dict, dict]:
     """Test metrics of every method in `dirs` -> (summary {method: mean metrics}, per_category); writes the
-    ROC/PR plot data (scores standardised per category on val, pooled), heatmaps and the ROC/PR figures."""
+    ROC/PR plot data (scores standardised per category on val, pooled), heatmaps and the ROC/PR figures.
+
+    `pixel_size` > 0: pixel metrics at that side (masks resized by nearest neighbour, each category's maps
+    bilinearly, one category at a time so 1,024 px maps of one method and category are the largest array)."""
     cats = mf.categories(rows)
     test_rows = {c: mf.rows_for(rows, c, "test") for c in cats}
     pixel = ev.has_masks(rows)  # without masks: image metrics only
-    masks = {c: ev.masks_for(test_rows[c], size) for c in cats}
+    masks = {c: ev.masks_for(test_rows[c], pixel_size or size) for c in cats}
     summary, per_category, curves = {}, {}, {"roc": {}, "pr": {}}
     for method, where in tqdm(dirs.items(), desc="evaluate", disable=not progress):
         test, val = load_scores(where / "test.safetensors"), load_scores(where / "val.safetensors")
@@ -67,6 +70,7 @@ def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_h
         for c in cats:
             labels = np.array([r.label for r in test_rows[c]])
             image, maps = ev.align(test_rows[c], *test[c])
+            maps = ev.at_size(maps, pixel_size or size)
             per_cat[c] = ev.category_metrics(labels, masks[c] if pixel else None, image, maps, max_fpr, category=c)
             pooled_labels.append(labels)
             pooled_scores.append(ev.standardise(image, val[c][1].numpy()))

@@ -31,7 +31,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     if get(params, "task") != "anomaly":
         return rp.classification_only(protocol, metrics, reports)
     summary, per_category = rp.evaluate_methods(rows, rp.score_dirs(methods, scores, fused),
-                                                size, cfg.max_fpr, cfg.n_heatmaps, metrics, reports, progress())
+                                                size, cfg.max_fpr, cfg.n_heatmaps, metrics, reports, progress(),
+                                                cfg.pixel_size)
     write_json(metrics / "summary.json", {**summary, "_protocol": protocol})
     write_json(metrics / "per_category.json", {**per_category, "_protocol": protocol})
     write_json(metrics / "vpt_comparison.json", rp.baseline_comparison(per_category, get(params, "baselines")))

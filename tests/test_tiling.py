@@ -152,3 +152,25 @@ def test_small_defect_tree_keeps_defects_narrow_at_1024_px():
     a = render_sample(0, "grass", "test/hole/0", "hole", 256)
     b = render_sample(0, "grass", "test/hole/0", "hole", 256, None)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_pixel_metrics_at_their_own_resolution(mvtec_tree):
+    """evaluate.pixel_size: masks at that side by nearest neighbour, maps bilinearly; the default keeps the maps."""
+    from anomaly_core.data.images import load_mask
+    from anomaly_core.evaluation import at_size, masks_for
+    from anomaly_core.data.manifest import Row
+
+    masks = sorted((mvtec_tree / "alpha" / "ground_truth").rglob("*.png"))
+    images = [mvtec_tree / "alpha" / "test" / m.parent.name / m.name.replace("_mask", "") for m in masks]
+    rows = [Row(id=str(i), category="alpha", split="test", label=1, defect_type="x", image=str(img), mask=str(m))
+            for i, (img, m) in enumerate(zip(images, masks))]
+    native = np.stack([load_mask(m, None) for m in masks])
+    assert np.array_equal(masks_for(rows, native.shape[-1]), native)  # native side: the masks themselves
+    small = masks_for(rows, 16)
+    assert small.shape == (len(rows), 16, 16)
+    maps = np.random.default_rng(0).random((len(rows), 16, 16)).astype(np.float32)
+    assert at_size(maps, 16) is maps
+    up = at_size(maps, 64)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(64, 64), mode="bilinear",
+                                          align_corners=False)[:, 0].numpy()
+    assert up.shape == (len(rows), 64, 64) and np.allclose(up, ref)
