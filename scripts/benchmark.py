@@ -10,7 +10,7 @@ The kNN sweep scores `--queries` images of 28 x 28 patches (224 px, stride 8) x 
 of 10k / 50k / 200k patches: images/s and the peak resident-memory growth of the search (Linux VmHWM after a
 reset; the bank itself is allocated before the reset), next to the one-matrix-per-image kernel it replaced.
 
-The MuSc curve scores random pools of `--musc-pools` images (28 x 28 patches x `--musc-dim` dims) under
+The MuSc curve scores random pools of `--musc-pools` images (`--musc-grid`^2 patches x `--musc-dim` dims) under
 `--musc-budget` MB (musc.max_memory_mb) and prints seconds, the peak resident-memory growth of the pair loop and
 the fitted exponent of each against the pool size (log-log least squares; plotted to reports/bench/musc.png);
 then the 200-image pool once more in one block (the unblocked path: every pair once, memory ~ N^2) as the baseline.
@@ -277,7 +277,8 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          musc: bool = typer.Option(False, help="only the MuSc pool-size curve (time, peak memory, exponents)"),
          musc_pools: str = typer.Option("50,100,200,400", help="pool sizes of the MuSc curve (comma-separated)"),
          musc_budget: float = typer.Option(64.0, help="musc.max_memory_mb of the MuSc curve"),
-         musc_dim: int = typer.Option(152, help="patch descriptor dims of the MuSc curve")) -> None:
+         musc_dim: int = typer.Option(152, help="patch descriptor dims of the MuSc curve"),
+         musc_grid: int = typer.Option(28, help="patches per side of the MuSc curve's images")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
@@ -285,7 +286,7 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
         predict_bench(params, 32, predict_images, batch_size)
         return
     if musc:
-        musc_sweep([int(n) for n in musc_pools.split(",") if n], musc_budget, musc_dim)
+        musc_sweep([int(n) for n in musc_pools.split(",") if n], musc_budget, musc_dim, musc_grid)
         return
     knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries)
     if knn_only:

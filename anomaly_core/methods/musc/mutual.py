@@ -71,8 +71,8 @@ def mutual_scores(grid: torch.Tensor, topmin: float = 0.3, chunk_images: int = 8
         raise ValueError(f"mutual scoring needs at least 2 images, got {n}")
     p = h * w
     flat = grid.reshape(n, p, d).float()
-    sq = (flat * flat).sum(-1)  # [N, P]
     auto_rows, chunk = pair_blocks(n, p, topmin, max_memory_mb, chunk_images)
+    sq = torch.cat([(f * f).sum(-1) for f in flat.split(chunk)])  # [N, P], no [N, P, D] temporary
     b = max(1, min(n, rows or auto_rows))
     k = interval_count(n - 1, topmin)
     out = torch.empty(n, p)
