@@ -3,10 +3,17 @@
     python scripts/benchmark.py                 # micro-benchmarks on the prepared images + kNN bank sweep
     python scripts/benchmark.py --stages        # also time every DVC stage (forces a re-run of each)
     python scripts/benchmark.py --knn-only      # only the kNN bank sweep and coreset timing (no data needed)
+    python scripts/benchmark.py --predict       # predict (kNN bundle, coreset 0.1) vs the bare backbone forward
+    python scripts/benchmark.py --musc          # MuSc pair loop: time and peak memory vs pool size (no data needed)
 
 The kNN sweep scores `--queries` images of 28 x 28 patches (224 px, stride 8) x 152 dims against random banks
 of 10k / 50k / 200k patches: images/s and the peak resident-memory growth of the search (Linux VmHWM after a
 reset; the bank itself is allocated before the reset), next to the one-matrix-per-image kernel it replaced.
+
+The MuSc curve scores random pools of `--musc-pools` images (`--musc-grid`^2 patches x `--musc-dim` dims) under
+`--musc-budget` MB (musc.max_memory_mb) and prints seconds, the peak resident-memory growth of the pair loop and
+the fitted exponent of each against the pool size (log-log least squares; plotted to reports/bench/musc.png);
+then the 200-image pool once more in one block (the unblocked path: every pair once, memory ~ N^2) as the baseline.
 
 Run from the repository root after `dvc repro` (it reads data/prepared/images.csv and params.yaml).
 """
@@ -131,15 +138,156 @@ def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152,
           f"same picks: {bool(torch.equal(a, b))}")
 
 
+def fit_exponent(xs: list[float], ys: list[float]) -> float:
+    """Slope of log y against log x (least squares): the cost's exponent in the size."""
+    import numpy as np
+
+    return float(np.polyfit(np.log(xs), np.log(np.maximum(ys, 1e-9)), 1)[0])
+
+
+def plot_curve(name: str, xlabel: str, xs: list[float], series: dict[str, list[float]]) -> Path:
+    """reports/bench/<name>.png: one log-log panel per series (its fitted exponent in the title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
+    for ax, (label, ys) in zip(axes[0], series.items()):
+        ax.loglog(xs, ys, "o-")
+        ax.set_xlabel(xlabel), ax.set_ylabel(label)
+        ax.set_title(f"{label}: exponent {fit_exponent(xs, ys):.2f}")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    out = Path("reports/bench") / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def musc_sweep(pools: list[int], budget_mb: float, dim: int, grid: int = 28, topmin: float = 0.3,
+               baseline_pool: int = 200) -> None:
+    """MuSc mutual scoring under `budget_mb`: seconds and peak memory growth per pool size, fitted exponents,
+    and the one-block (unblocked) path on `baseline_pool` images as the same-run baseline."""
+    from anomaly_core.methods.musc.mutual import mutual_scores, pair_blocks
+
+    g = torch.Generator().manual_seed(0)
+    print(f"MuSc pair loop, {grid}x{grid} patches x {dim} dims, topmin {topmin}, max_memory_mb={budget_mb:g}, "
+          f"threads {torch.get_num_threads()}")
+    mutual_scores(torch.randn(4, grid, grid, dim, generator=g), topmin)  # warm-up
+    times, peaks = [], []
+    for n in pools:
+        pool = torch.randn(n, grid, grid, dim, generator=g)
+        rows, chunk = pair_blocks(n, grid * grid, topmin, budget_mb)
+        base = reset_peak_rss()
+        t, _ = timed(mutual_scores, pool, topmin, max_memory_mb=budget_mb)
+        peak = peak_rss_growth(base)
+        times.append(t), peaks.append(peak)
+        print(f"   pool {n:>4}: {t:8.2f}s, peak pair-loop memory +{peak:7.1f} MB "
+              f"({rows} images per block, {chunk} per product)", flush=True)
+        del pool
+    if len(pools) > 1:
+        big = [i for i, n in enumerate(pools) if n >= 100] or list(range(len(pools)))
+        xs = [pools[i] for i in big]
+        print(f"   fitted exponents vs pool size: time {fit_exponent(pools, times):.2f}; "
+              f"memory {fit_exponent(xs, [peaks[i] for i in big]):.2f} (pools {xs[0]}-{xs[-1]})")
+        print(f"   plot: {plot_curve('musc', 'pool size (images)', pools, {'seconds': times, 'peak MB': peaks})}")
+    if baseline_pool in pools:
+        pool = torch.randn(baseline_pool, grid, grid, dim, generator=g)
+        base = reset_peak_rss()
+        t1, _ = timed(mutual_scores, pool, topmin, rows=baseline_pool)
+        i = pools.index(baseline_pool)
+        print(f"   pool {baseline_pool} in one block (unblocked): {t1:.2f}s, +{peak_rss_growth(base):.1f} MB; "
+              f"blocked / unblocked time x{times[i] / t1:.2f}")
+
+
+def bench_knn_bundle(root: Path, params: dict, n_train: int, n_test: int, coreset: float = 0.1
+                     ) -> tuple[Path, list[str], str]:
+    """A kNN bundle (params.yaml's backbone and knn section, `coreset` ratio) of one generated demo category:
+    `n_train` shots at 256 px, `n_test` good + defect test images. Returns (bundle, test image paths, category)."""
+    from dataclasses import asdict
+
+    from anomaly_core.data.demo import generate_demo
+    from anomaly_core.data.readers import read_mvtec
+    from anomaly_core.deploy.bundle import BundleInputs
+    from anomaly_core.deploy.engines import deploy_module
+    from anomaly_core.io import save_tensors, write_json
+
+    cat = generate_demo(root / "tree", 0, None, n_train, n_test // 2, max(1, n_test // 8), 256)[0]
+    rows = mf.select_shots([r for r in read_mvtec(root / "tree", [cat])], "all", 0)
+    vcfg = build(BackboneConfig, params["backbones"]["visual"], "backbones.visual")
+    bb = create_backbone(vcfg.name, vcfg.pretrained, vcfg.levels, vcfg.image_size)
+    train = [r for r in rows if r.split == "train"]
+    feats = extract_features(bb, [r.image for r in train], 16, torch.float16, progress=False)
+    save_tensors(root / "features" / "visual" / cat / "train.safetensors", feats, {"ids": [r.id for r in train]})
+    write_json(root / "features" / "info.json", {"visual": {"name": bb.name}})
+    kcfg = replace(build(KnnConfig, params.get("knn"), "knn"), coreset_ratio=coreset, branch="visual")
+    bp = {"data": {"image_size": params["data"]["image_size"]}, "seed": 0, "features": {"dtype": "float16"},
+          "backbones": {"visual": params["backbones"]["visual"]}, "score": {"knn": {"knn": asdict(kcfg)}}}
+    inputs = BundleInputs(rows=rows, features=root / "features", models=root / "models", params=bp, method="knn")
+    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": {}})
+    return root / "bundle", [r.image for r in rows if r.split == "test"][:n_test], cat
+
+
+def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repeats: int = 2) -> None:
+    """predict's images/s on a kNN bundle (coreset 0.1) next to the bare backbone forward on the same images
+    (already decoded) in the same run, and the single-image latency (decode to score) p50 / p99."""
+    import tempfile
+
+    import numpy as np
+
+    from anomaly_core.deploy.engines import load_predictor
+    from anomaly_core.deploy.predict import predict_files
+    from anomaly_core.features import load_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, paths, cat = bench_knn_bundle(Path(tmp), params, n_train, n_test)
+        model = load_predictor(bundle)
+        bb = model.backbone
+        batches = [load_batch(paths[i : i + batch_size], bb.image_size) for i in range(0, len(paths), batch_size)]
+        bare_forward(bb, batches[:1])  # warm-up
+        predict_files(bundle, paths[:batch_size], Path(tmp) / "warm", cat, batch_size=batch_size, progress=False)
+        t_bare = min(timed(bare_forward, bb, batches)[0] for _ in range(repeats))
+        t_pred = min(timed(predict_files, bundle, paths, Path(tmp) / "out", cat, batch_size=batch_size,
+                           progress=False)[0] for _ in range(repeats))
+        lat = []
+        for p in paths[: min(len(paths), 40)]:
+            t0 = time.perf_counter()
+            model(load_batch([p], model.image_size), cat, [p])
+            lat.append(time.perf_counter() - t0)
+        p50, p99 = np.percentile(np.array(lat) * 1e3, [50, 99])
+        n = len(paths)
+        print(f"predict, kNN bundle (coreset 0.1, bank {model.bank(cat).shape[0]} x {model.bank(cat).shape[1]}), "
+              f"{n} images 256 px -> {bb.image_size}, batch {batch_size}, threads {torch.get_num_threads()}:")
+        print(f"   bare backbone forward {n / t_bare:6.1f} img/s | predict {n / t_pred:6.1f} img/s | "
+              f"ratio {t_bare / t_pred:.2f} | single image p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+
+
 @app.command()
 def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batch_size: int = 16,
          stages: bool = typer.Option(False, help="also time each DVC stage with `dvc repro -s -f`"),
          knn_only: bool = typer.Option(False, help="only the kNN bank sweep and the coreset timing"),
          banks: str = typer.Option("10000,50000,200000", help="bank sizes of the kNN sweep (comma-separated)"),
-         queries: int = typer.Option(16, help="query images of the kNN sweep")) -> None:
+         queries: int = typer.Option(16, help="query images of the kNN sweep"),
+         predict: bool = typer.Option(False, help="only predict (kNN bundle) vs the bare backbone forward"),
+         predict_images: int = typer.Option(96, help="test images of the predict benchmark"),
+         musc: bool = typer.Option(False, help="only the MuSc pool-size curve (time, peak memory, exponents)"),
+         musc_pools: str = typer.Option("50,100,200,400", help="pool sizes of the MuSc curve (comma-separated)"),
+         musc_budget: float = typer.Option(64.0, help="musc.max_memory_mb of the MuSc curve"),
+         musc_dim: int = typer.Option(152, help="patch descriptor dims of the MuSc curve"),
+         musc_grid: int = typer.Option(28, help="patches per side of the MuSc curve's images")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
+    if predict:
+        predict_bench(params, 32, predict_images, batch_size)
+        return
+    if musc:
+        musc_sweep([int(n) for n in musc_pools.split(",") if n], musc_budget, musc_dim, musc_grid)
+        return
     knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries)
     if knn_only:
         return

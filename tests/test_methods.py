@@ -11,7 +11,7 @@ import yaml
 from anomaly_core.errors import ConfigError
 from anomaly_core.methods import get_method, method_names, ordered
 from anomaly_core.methods.base import Method
-from anomaly_core.methods.musc.mutual import interval_mean, mutual_scores, rescore
+from anomaly_core.methods.musc.mutual import interval_mean, mutual_scores, pair_blocks, rescore, working_set_bytes
 from anomaly_core.pipeline import stage_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,41 @@ def test_mutual_scores_match_a_slow_reference(topmin):
     ref = slow_mutual(grid, topmin)
     for chunk in (1, 2, 4, 16):  # blocks of later images, a partial last block, one block for all
         assert torch.allclose(mutual_scores(grid, topmin, chunk_images=chunk).double(), ref, atol=1e-4), chunk
+
+
+def test_blocked_mutual_scores_match_one_block():
+    """Blocks of image rows (pairs across blocks computed once per direction) give the one-block scores."""
+    g = torch.Generator().manual_seed(1)
+    grid = torch.randn(9, 4, 4, 7, generator=g)
+    one = mutual_scores(grid, 0.3, rows=9)
+    assert torch.allclose(one.double(), slow_mutual(grid, 0.3), atol=1e-4)
+    assert torch.equal(mutual_scores(grid, 0.3), one)  # the default budget holds this pool in one block
+    for rows, chunk in ((1, 1), (2, 3), (4, 8), (8, 2)):  # a partial last block of rows and of images
+        blocked = mutual_scores(grid, 0.3, chunk_images=chunk, rows=rows)
+        assert torch.allclose(blocked, one, rtol=1e-6, atol=1e-6), (rows, chunk)
+    tiny = mutual_scores(grid, 0.3, max_memory_mb=0.001)  # budget below one row: one row per block
+    assert pair_blocks(9, 16, 0.3, 0.001) == (1, 1)
+    assert torch.allclose(tiny, one, rtol=1e-6, atol=1e-6)
+
+
+def test_pair_blocks_fit_the_budget_whatever_the_pool():
+    p, budget = 28 * 28, 64.0
+    sizes = {n: pair_blocks(n, p, 0.3, budget) for n in (50, 100, 200, 400, 1600)}
+    assert sizes[50] == (50, 8)  # small pool: one block, every pair once
+    for n, (rows, chunk) in sizes.items():
+        assert working_set_bytes(rows, chunk, n, p, 0.3) <= budget * 2**20, n
+        if rows < n:  # the block is as large as the budget allows
+            assert working_set_bytes(rows + 1, chunk, n, p, 0.3) > budget * 2**20, n
+    assert sizes[1600][0] < sizes[400][0] < sizes[200][0] < 200
+
+
+def test_musc_max_memory_mb_is_validated():
+    from anomaly_core.config import build
+    from anomaly_core.methods.musc import MuscConfig
+
+    assert build(MuscConfig, {"max_memory_mb": 16}, "musc").max_memory_mb == 16
+    with pytest.raises(ConfigError, match="musc.max_memory_mb"):
+        build(MuscConfig, {"max_memory_mb": 0}, "musc")
 
 
 def test_interval_mean_and_rescore_by_hand():

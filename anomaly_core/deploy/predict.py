@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from anomaly_core.data.images import is_image_file
+from anomaly_core.deploy.batching import prefetched_batches
 from anomaly_core.deploy.bundle import read_card
 from anomaly_core.deploy.engines import load_predictor
 from anomaly_core.errors import DataError
@@ -54,19 +55,6 @@ def resolve_category(card: dict, category: str | None) -> str:
     return category
 
 
-def _load(paths: Iterable[Path], size: int) -> tuple[list[np.ndarray | None], list[str]]:
-    """Decode and resize each file; a failure is its error line, never an exception."""
-    from anomaly_core.features import load_resized
-
-    images, errors = [], []
-    for p in paths:
-        try:
-            images.append(load_resized(str(p), size)), errors.append("")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported on its own line
-            images.append(None), errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    return images, errors
-
-
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, category: str | None = None,
                   heatmaps: bool = False, batch_size: int = 16, engine: str = "torch",
                   progress: bool = True) -> list[dict]:
@@ -94,9 +82,7 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
         batch_size = len(paths)
     rows: list[dict] = []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images, errors = _load(chunk, model.image_size)
+    for start, chunk, images, errors in prefetched_batches(paths, model.image_size, batch_size):
         ok = [i for i, im in enumerate(images) if im is not None]
         scores, maps = (model(torch.from_numpy(np.stack([images[i] for i in ok])), cat, [chunk[i] for i in ok])
                         if ok else (None, None))

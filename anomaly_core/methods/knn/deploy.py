@@ -73,12 +73,19 @@ class Predictor:
         self.size = int(self.card["image_size"])    # map resolution (data.image_size)
         self.dtype = getattr(torch, self.card["features_dtype"])
         self._banks: dict[str, torch.Tensor] = {}
+        self._knn: dict[str, PatchKnn] = {}
 
     def bank(self, category: str) -> torch.Tensor:
         if category not in self._banks:
             require_category(self.card, category)
             self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
         return self._banks[category]
+
+    def knn(self, category: str) -> PatchKnn:
+        """The category's search (its bank's squared norms computed once, not per batch)."""
+        if category not in self._knn:
+            self._knn = {category: PatchKnn(self.bank(category), self.cfg)}
+        return self._knn[category]
 
     def descriptors(self, levels: list[torch.Tensor]) -> torch.Tensor:
         """Backbone levels (float32, after the cache-dtype round trip) -> patch descriptors [B, h, w, D]."""
@@ -96,7 +103,7 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, category: str, paths: Sequence[str] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        return PatchKnn(self.bank(category), self.cfg).predict(self.grid(images), self.size)
+        return self.knn(category).predict(self.grid(images), self.size)
 
 
 class KnnGraph(nn.Module):

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from anomaly_core.config import positive
 from anomaly_core.data.manifest import Row, rows_for
 from anomaly_core.errors import ConfigError
 from anomaly_core.kit.maps import image_score_from_map, to_image_maps
@@ -28,8 +29,10 @@ class MuscConfig:
     topmin: float = 0.3          # MSM: mean of the smallest 30 % of the per-image nearest distances
     rescore_k: list[int] = field(default_factory=lambda: [2, 3])  # RsCIN neighbourhood sizes ([] = off)
     sigma: float = 4.0           # Gaussian smoothing of the maps (pixels)
+    max_memory_mb: float = 256.0  # working memory of the pair loop (blocks of images sized to fit; scores unchanged)
 
     def validate(self, section: str) -> None:
+        positive(section, max_memory_mb=self.max_memory_mb)
         if not self.aggregate_sizes or any(r < 1 or r % 2 == 0 for r in self.aggregate_sizes):
             raise ConfigError(f"{section}.aggregate_sizes={self.aggregate_sizes}: odd sizes >= 1, at least one")
         if not 0.0 < self.topmin <= 1.0:
@@ -63,7 +66,8 @@ def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) 
     else:
         grids = [cnn_patches(levels, r) for r in cfg.aggregate_sizes]
         glob = levels[-1].float().mean(dim=(2, 3))  # [N, C] global average of the deepest level
-    patch = torch.stack([mutual_scores(g_, cfg.topmin) for g_ in grids]).mean(0)  # [N, h, w]
+    patch = torch.stack([mutual_scores(g_, cfg.topmin, max_memory_mb=cfg.max_memory_mb)
+                         for g_ in grids]).mean(0)  # [N, h, w]
     maps = to_image_maps(patch, size, cfg.sigma)
     return rescore(image_score_from_map(maps, "max"), glob, cfg.rescore_k), maps
 

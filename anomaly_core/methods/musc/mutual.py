@@ -15,37 +15,90 @@ import torch
 import torch.nn.functional as F
 
 
-def interval_mean(dist: torch.Tensor, topmin: float) -> torch.Tensor:
-    """[..., M] -> [...]: mean of the smallest max(1, round(topmin * M)) values."""
-    k = max(1, int(round(topmin * dist.shape[-1])))
+BYTES = 4  # float32
+
+
+def interval_count(m: int, topmin: float) -> int:
+    """How many of `m` distances the interval mean averages: max(1, round(topmin * m))."""
+    return max(1, int(round(topmin * m)))
+
+
+def interval_mean(dist: torch.Tensor, topmin: float, count: int | None = None) -> torch.Tensor:
+    """[..., M] -> [...]: mean of the smallest `count` values (default max(1, round(topmin * M)))."""
+    k = interval_count(dist.shape[-1], topmin) if count is None else count
     return dist.topk(k, dim=-1, largest=False).values.mean(-1)
 
 
-def mutual_scores(grid: torch.Tensor, topmin: float = 0.3, chunk_images: int = 8) -> torch.Tensor:
+def working_set_bytes(rows: int, chunk: int, n: int, p: int, topmin: float) -> int:
+    """Bytes the pair loop allocates for a block of `rows` images of an N-image pool with P patches each, comparing
+    one image with `chunk` others at a time (besides the pool's features and the [N, P] output):
+
+    [rows, P, N] nearest distances, the interval mean's top-k ([rows, P, k] values + int64 indices), the
+    [P, chunk * P] distance block and its two minima ([P, chunk] and [chunk, P])."""
+    k = interval_count(n - 1, topmin)
+    return (rows * p * n + rows * p * k * 3 + p * chunk * p + 2 * chunk * p) * BYTES
+
+
+def pair_blocks(n: int, p: int, topmin: float, max_memory_mb: float, chunk_images: int = 8) -> tuple[int, int]:
+    """(image rows per block, images per distance block) whose `working_set_bytes` fit `max_memory_mb`.
+
+    Prefers all N rows (every pair computed once) and `chunk_images` images per product; halves the chunk while
+    the distance block alone takes more than half the budget, then takes as many rows as fit (at least one)."""
+    budget = max_memory_mb * 2**20
+    chunk = max(1, min(chunk_images, n - 1))
+    while chunk > 1 and working_set_bytes(0, chunk, n, p, topmin) > budget / 2:
+        chunk = max(1, chunk // 2)
+    per_row = working_set_bytes(1, 0, n, p, topmin)
+    rows = int((budget - working_set_bytes(0, chunk, n, p, topmin)) // per_row)
+    return max(1, min(n, rows)), chunk
+
+
+def mutual_scores(grid: torch.Tensor, topmin: float = 0.3, chunk_images: int = 8, max_memory_mb: float = 256.0,
+                  rows: int | None = None) -> torch.Tensor:
     """MSM over a pool of unlabeled images: grid [N, h, w, D] (N >= 2) -> patch scores [N, h, w].
 
-    Each image pair's distance matrix is computed once and read both ways (rows: i's patches against j, columns:
-    j's patches against i), so the pool costs N(N-1)/2 patch-matrix products. Image i is compared with
-    `chunk_images` later images at a time: one `addmm` [P, D] x [D, m*P] with the norm trick (|o|^2 as the bias,
-    |q|^2 added in place), two `amin`s; clamp and sqrt only on the minima (both monotone)."""
+    The pool is scored in blocks of image rows sized by `pair_blocks` so that the working memory stays under
+    `max_memory_mb` whatever N (`rows` overrides the block size). A block holds the [rows, P, N] distances of
+    its images' patches to their nearest patch in every image (itself +inf, so never among the smallest).
+    Inside a block each pair's distance matrix is computed once and read both ways (rows: i's patches against
+    j, columns: j's patches against i); a pair across blocks is computed once per direction, so one block (the
+    default up to ~200 images of 28 x 28 patches) costs N(N-1)/2 patch-matrix products and B blocks up to
+    N(N-1)(1 - 1/2B). Image i is compared with `chunk_images` images at a time: one `addmm` [P, D] x [D, m*P]
+    with the norm trick (|o|^2 as the bias, |q|^2 added in place; squared norms computed once per image), one
+    or two `amin`s; clamp and sqrt only on the minima (both monotone)."""
     n, h, w, d = grid.shape
     if n < 2:
         raise ValueError(f"mutual scoring needs at least 2 images, got {n}")
     p = h * w
     flat = grid.reshape(n, p, d).float()
-    sq = (flat * flat).sum(-1)  # [N, P]
-    nearest = torch.zeros(n, p, n)  # [i, patch of i, j]: distance to its nearest patch in image j
-    for i in range(n - 1):
-        for s in range(i + 1, n, chunk_images):
-            e = min(s + chunk_images, n)
-            m = e - s
-            d2 = torch.addmm(sq[s:e].reshape(1, m * p), flat[i], flat[s:e].reshape(m * p, d).T, alpha=-2.0)
-            d2 = d2.add_(sq[i][:, None]).view(p, m, p)  # [P of i, m, P of j]: squared distances
-            nearest[i, :, s:e] = d2.amin(-1).clamp_min_(0).sqrt_()  # i's patches -> nearest in each j
-            nearest[s:e, :, i] = d2.amin(0).clamp_min_(0).sqrt_()  # [m, P]: j's patches -> nearest in i
-    others = ~torch.eye(n, dtype=torch.bool)  # drop each image's distance to itself
-    per_image = nearest.permute(0, 2, 1)[others].reshape(n, n - 1, p).permute(0, 2, 1)  # [N, P, N-1]
-    return interval_mean(per_image, topmin).reshape(n, h, w)
+    auto_rows, chunk = pair_blocks(n, p, topmin, max_memory_mb, chunk_images)
+    sq = torch.cat([(f * f).sum(-1) for f in flat.split(chunk)])  # [N, P], no [N, P, D] temporary
+    b = max(1, min(n, rows or auto_rows))
+    k = interval_count(n - 1, topmin)
+    out = torch.empty(n, p)
+    nearest_buf = torch.empty(b, p, n)  # [i in block, patch of i, j]: distance to its nearest patch in image j
+
+    def d2_block(i: int, s: int, e: int) -> torch.Tensor:  # [P of i, e - s, P of j]: squared distances
+        m = e - s
+        d2 = torch.addmm(sq[s:e].reshape(1, m * p), flat[i], flat[s:e].reshape(m * p, d).T, alpha=-2.0)
+        return d2.add_(sq[i][:, None]).view(p, m, p)
+
+    for r0 in range(0, n, b):
+        r1 = min(r0 + b, n)
+        nearest = nearest_buf[: r1 - r0]
+        for i in range(r0, r1):
+            nearest[i - r0, :, i] = float("inf")  # itself
+            for s in range(i + 1, r1, chunk):  # later images of the block: both directions from one product
+                e = min(s + chunk, r1)
+                d2 = d2_block(i, s, e)
+                nearest[i - r0, :, s:e] = d2.amin(-1).clamp_min_(0).sqrt_()  # i's patches -> nearest in each j
+                nearest[s - r0 : e - r0, :, i] = d2.amin(0).clamp_min_(0).sqrt_()  # [m, P]: j's -> nearest in i
+            for lo, hi in ((0, r0), (r1, n)):  # images of other blocks: this direction only
+                for s in range(lo, hi, chunk):
+                    e = min(s + chunk, hi)
+                    nearest[i - r0, :, s:e] = d2_block(i, s, e).amin(-1).clamp_min_(0).sqrt_()
+        out[r0:r1] = interval_mean(nearest, topmin, k)  # [rows, P]
+    return out.reshape(n, h, w)
 
 
 def rescore(scores: torch.Tensor, global_feats: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:

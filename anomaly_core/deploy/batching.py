@@ -1,0 +1,45 @@
+"""predict's input pipeline: images decoded and resized in a thread pool, batches ahead of the one being scored.
+
+PIL releases the GIL while it decodes and resizes, so the next batches' files are read while the engine runs the
+backbone and the search on the current one; the hot path gets whole uint8 batches [B, S, S, 3] and never waits
+on a file. An unreadable file is its error line (never an exception), in input order.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["load_one", "prefetched_batches"]
+
+
+def load_one(path: Path, size: int) -> tuple[np.ndarray | None, str]:
+    """Decode and resize one file -> (uint8 [size, size, 3], "") or (None, its one-line error)."""
+    from anomaly_core.features import load_resized
+
+    try:
+        return load_resized(str(path), size), ""
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported on its own line
+        return None, (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def prefetched_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int = 2, ahead: int = 2
+                       ) -> Iterator[tuple[int, list[Path], list[np.ndarray | None], list[str]]]:
+    """(start, chunk paths, images, errors) per batch of `batch_size` inputs, in order; up to `ahead` batches
+    are decoded by `workers` threads while the caller scores the current one."""
+    starts = list(range(0, len(paths), max(1, batch_size)))
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        pending: list[list[Future]] = []
+
+        def submit(b: int) -> None:
+            if b < len(starts):
+                pending.append([pool.submit(load_one, p, size) for p in paths[starts[b] : starts[b] + batch_size]])
+
+        for b in range(ahead + 1):
+            submit(b)
+        for b, start in enumerate(starts):
+            done = [f.result() for f in pending.pop(0)]
+            submit(b + ahead + 1)
+            yield start, list(paths[start : start + batch_size]), [d[0] for d in done], [d[1] for d in done]
