@@ -40,15 +40,25 @@ class MuscConfig:
             raise ConfigError(f"{section}.sigma={self.sigma}: must be >= 0")
 
 
-def clip_grid_tokens(levels: list[torch.Tensor], grid: int, r: int) -> torch.Tensor:
-    """CLIP tokens [N, g*g, E] per level -> r x r averaged, per-level normalised, concatenated [N, g, g, levels*E]."""
+def musc_clip_levels(levels: list[torch.Tensor], grid: int, r: int) -> list[torch.Tensor]:
+    """LNAMD of CLIP tokens: [N, g*g, E] per level -> per level [N, g, g, E], r x r averaged and L2-normalised."""
     out = []
     for lvl in levels:
         x = lvl.float().reshape(lvl.shape[0], grid, grid, -1).permute(0, 3, 1, 2)  # [N, E, g, g]
         if r > 1:
             x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=False)
         out.append(F.normalize(x.permute(0, 2, 3, 1), dim=-1))
-    return torch.cat(out, dim=-1)
+    return out
+
+
+def clip_grid_tokens(levels: list[torch.Tensor], grid: int, r: int) -> torch.Tensor:
+    """CLIP tokens [N, g*g, E] per level -> r x r averaged, per-level normalised, concatenated [N, g, g, levels*E]."""
+    return torch.cat(musc_clip_levels(levels, grid, r), dim=-1)
+
+
+def clip_patch_scores(levels: list[torch.Tensor], grid: int, sizes: list[int], topmin: float) -> torch.Tensor:
+    """CLIP tokens [N, g*g, E] per level -> MuSc patch scores [N, g, g] (mean over the LNAMD sizes)."""
+    return torch.stack([mutual_scores(clip_grid_tokens(levels, grid, r), topmin) for r in sizes]).mean(0)
 
 
 def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,13 +67,13 @@ def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) 
     levels = store.levels(feats)
     if cfg.branch == "clip":
         g = store.info["clip"]["grid"]
-        grids = [clip_grid_tokens(levels, int(g[0] if isinstance(g, (list, tuple)) else g), r)
-                 for r in cfg.aggregate_sizes]
+        patch = clip_patch_scores(levels, int(g[0] if isinstance(g, (list, tuple)) else g), cfg.aggregate_sizes,
+                                  cfg.topmin)
         glob = feats["global"]
     else:
         grids = [cnn_patches(levels, r) for r in cfg.aggregate_sizes]
         glob = levels[-1].float().mean(dim=(2, 3))  # [N, C] global average of the deepest level
-    patch = torch.stack([mutual_scores(g_, cfg.topmin) for g_ in grids]).mean(0)  # [N, h, w]
+        patch = torch.stack([mutual_scores(g_, cfg.topmin) for g_ in grids]).mean(0)  # [N, h, w]
     maps = to_image_maps(patch, size, cfg.sigma)
     return rescore(image_score_from_map(maps, "max"), glob, cfg.rescore_k), maps
 
