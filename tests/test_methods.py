@@ -87,7 +87,7 @@ def slow_mutual(grid: torch.Tensor, topmin: float) -> torch.Tensor:
     n, h, w, d = grid.shape
     flat = grid.reshape(n, h * w, d).double()
     out = torch.zeros(n, h * w, dtype=torch.float64)
-    k = max(1, int(round(topmin * (n - 1))))
+    k = max(1, int(topmin * (n - 1)))  # the official MSM count (floor), at least one
     for i in range(n):
         per_image = torch.stack([torch.cdist(flat[i], flat[j]).min(1).values for j in range(n) if j != i], 1)
         out[i] = per_image.sort(1).values[:, :k].mean(1)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 
 def interval_mean(dist: torch.Tensor, topmin: float) -> torch.Tensor:
-    """[..., M] -> [...]: mean of the smallest max(1, round(topmin * M)) values."""
-    k = max(1, int(round(topmin * dist.shape[-1])))
+    """[..., M] -> [...]: mean of the smallest max(1, int(topmin * M)) values (the official MSM's count: floor,
+    e.g. 2 of 9 at topmin 0.3, not round's 3; at least one where the official would average none)."""
+    k = max(1, int(topmin * dist.shape[-1]))
     return dist.topk(k, dim=-1, largest=False).values.mean(-1)
 
 

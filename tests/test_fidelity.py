@@ -1,0 +1,32 @@
+"""Regression tests of the fidelity fixes (issue 18): our code vs small reference tensors that the official
+implementations produced (tests/fixtures/fidelity/*.pt, made by `scripts/fidelity/run.py --fixtures
+tests/fixtures/fidelity`; each file's `note` says how). No official code, no network."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FIX = Path(__file__).parent / "fixtures" / "fidelity"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def musc():
+    return torch.load(FIX / "musc.pt", weights_only=False)
+
+
+def test_musc_msm_interval_mean_matches_official(musc):
+    from anomaly_core.methods.musc.mutual import mutual_scores
+
+    inp, off = musc["inputs"], musc["official"]
+    n, p, e = next(iter(off["lnamd"].values())).shape
+    g = int(p ** 0.5)
+    ours = torch.stack([mutual_scores(off["lnamd"][k].reshape(n, g, g, e), inp["topmin"]).reshape(n, -1)
+                        for k in off["msm"]])
+    assert _rel(ours, torch.stack(list(off["msm"].values()))) < 1e-4
