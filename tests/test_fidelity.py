@@ -30,3 +30,15 @@ def test_musc_msm_interval_mean_matches_official(musc):
     ours = torch.stack([mutual_scores(off["lnamd"][k].reshape(n, g, g, e), inp["topmin"]).reshape(n, -1)
                         for k in off["msm"]])
     assert _rel(ours, torch.stack(list(off["msm"].values()))) < 1e-4
+
+
+def test_musc_rscin_matches_official(musc):
+    from anomaly_core.methods.musc.mutual import rescore
+
+    inp, off = musc["inputs"], musc["official"]
+    s = off["image"].double()
+    s01 = ((s - s.min()) / (s.max() - s.min())).float()  # the official RsCIN min-max normalises first
+    assert _rel(rescore(s01, inp["cls"], inp["k_list"]), off["rscin"]) < 1e-4
+    # the weighted mean commutes with the min-max map: raw scores rank (and rescale) the same
+    raw = rescore(s.float(), inp["cls"], inp["k_list"]).double()
+    assert _rel((raw - s.min()) / (s.max() - s.min()), off["rscin"]) < 1e-4
