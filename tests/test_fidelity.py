@@ -42,3 +42,16 @@ def test_musc_rscin_matches_official(musc):
     # the weighted mean commutes with the min-max map: raw scores rank (and rescale) the same
     raw = rescore(s.float(), inp["cls"], inp["k_list"]).double()
     assert _rel((raw - s.min()) / (s.max() - s.min()), off["rscin"]) < 1e-4
+
+
+def test_musc_lnamd_and_clip_patch_scores_match_official(musc):
+    from anomaly_core.methods.musc import clip_patch_scores, musc_clip_levels
+
+    inp, off = musc["inputs"], musc["official"]
+    levels = [t[:, 1:] for t in inp["tokens"]]  # our CLIP store keeps the grid tokens (no CLS)
+    n, p, e = levels[0].shape
+    g = int(p ** 0.5)
+    for r in inp["r_list"]:
+        for l, ours in enumerate(musc_clip_levels(levels, g, r)):
+            assert _rel(ours.reshape(n, p, e), off["lnamd"][(r, l)]) < 1e-4, (r, l)
+    assert _rel(clip_patch_scores(levels, g, inp["r_list"], inp["topmin"]).reshape(n, -1), off["patch"]) < 1e-4

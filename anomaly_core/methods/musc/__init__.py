@@ -41,24 +41,29 @@ class MuscConfig:
 
 
 def musc_clip_levels(levels: list[torch.Tensor], grid: int, r: int) -> list[torch.Tensor]:
-    """LNAMD of CLIP tokens: [N, g*g, E] per level -> per level [N, g, g, E], r x r averaged and L2-normalised."""
+    """LNAMD of CLIP tokens, as the official `_LNAMD.py`: [N, g*g, E] per level -> per level [N, g, g, E]: layer norm
+    over each image's whole [E, g, g] map (no affine), r x r mean with zero padding (the official unfold + mean),
+    L2-normalised."""
     out = []
     for lvl in levels:
         x = lvl.float().reshape(lvl.shape[0], grid, grid, -1).permute(0, 3, 1, 2)  # [N, E, g, g]
+        x = F.layer_norm(x, x.shape[1:])
         if r > 1:
-            x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=False)
+            x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=True)
         out.append(F.normalize(x.permute(0, 2, 3, 1), dim=-1))
     return out
 
 
 def clip_grid_tokens(levels: list[torch.Tensor], grid: int, r: int) -> torch.Tensor:
-    """CLIP tokens [N, g*g, E] per level -> r x r averaged, per-level normalised, concatenated [N, g, g, levels*E]."""
+    """CLIP tokens [N, g*g, E] per level -> LNAMD per level, concatenated [N, g, g, levels*E]."""
     return torch.cat(musc_clip_levels(levels, grid, r), dim=-1)
 
 
 def clip_patch_scores(levels: list[torch.Tensor], grid: int, sizes: list[int], topmin: float) -> torch.Tensor:
-    """CLIP tokens [N, g*g, E] per level -> MuSc patch scores [N, g, g] (mean over the LNAMD sizes)."""
-    return torch.stack([mutual_scores(clip_grid_tokens(levels, grid, r), topmin) for r in sizes]).mean(0)
+    """CLIP tokens [N, g*g, E] per level -> MuSc patch scores [N, g, g]: mutual scores of each level apart,
+    averaged over the levels, then over the LNAMD sizes (the official models/musc.py order)."""
+    return torch.stack([torch.stack([mutual_scores(lv, topmin) for lv in musc_clip_levels(levels, grid, r)]).mean(0)
+                        for r in sizes]).mean(0)
 
 
 def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) -> tuple[torch.Tensor, torch.Tensor]:
