@@ -55,3 +55,26 @@ def test_musc_lnamd_and_clip_patch_scores_match_official(musc):
         for l, ours in enumerate(musc_clip_levels(levels, g, r)):
             assert _rel(ours.reshape(n, p, e), off["lnamd"][(r, l)]) < 1e-4, (r, l)
     assert _rel(clip_patch_scores(levels, g, inp["r_list"], inp["topmin"]).reshape(n, -1), off["patch"]) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def knn():
+    return torch.load(FIX / "knn.pt", weights_only=False)
+
+
+def test_knn_coreset_size_picks_and_scores_match_anomalib(knn):
+    from anomaly_core.kit.knn import _greedy_picks, _n_select, knn_search, reweight_scores
+    from anomaly_core.kit.patches import cnn_patches
+
+    inp, off = knn["inputs"], knn["official"]
+    train, test = cnn_patches(inp["train"], 3, "zeros"), cnn_patches(inp["test"], 3, "zeros")
+    assert _rel(torch.cat([train, test]), torch.cat([off["grid_train"], off["grid_test"]]).permute(0, 2, 3, 1)) < 1e-5
+    m = train.shape[0] * train.shape[1] * train.shape[2]
+    assert _n_select(m, inp["ratio"]) == off["coreset_size"]  # int(M * ratio), as anomalib's KCenterGreedy
+    assert torch.equal(_greedy_picks(off["proj"].float(), int(off["picks"][0]), off["coreset_size"]), off["picks"])
+    bank = train.reshape(m, -1)[off["picks"]]
+    q = test.reshape(test.shape[0], -1, test.shape[-1])
+    d2, ids = knn_search(q.reshape(-1, q.shape[-1]), bank, 1)
+    patch = d2.sqrt().reshape(q.shape[0], -1)
+    assert _rel(patch, off["patch"]) < 1e-4
+    assert _rel(reweight_scores(patch, ids.reshape(q.shape[0], -1), q, bank, 9), off["image"]) < 1e-4
