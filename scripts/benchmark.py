@@ -96,8 +96,9 @@ def naive_distances(grid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152, grid: int = 28) -> None:
-    """Images/s and peak memory of exact kNN scoring per bank size; coreset seconds for 10 % of 50k."""
+def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152, grid: int = 28,
+              coreset_bank: int = 50_176) -> None:
+    """Images/s and peak memory of exact kNN scoring per bank size; coreset seconds for 10 % of `coreset_bank`."""
     g = torch.Generator().manual_seed(0)
     queries = torch.randn(n_queries, grid, grid, dim, generator=g)
     print(f"kNN exact search, {n_queries} images x {grid * grid} patches x {dim} dims, "
@@ -121,10 +122,10 @@ def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152,
             line += (f" | one-matrix-per-image kernel {n_queries / t_naive:6.2f} img/s, "
                      f"+{peak_rss_growth(base):7.1f} MB (x{t_naive / t:.2f} slower)")
         print(line, flush=True)
-    bank = torch.randn(50_176, dim, generator=g)
+    bank = torch.randn(coreset_bank, dim, generator=g)
     t_core, idx = timed(greedy_coreset, bank, 0.1, 0, kcfg.coreset_dim)
     print(f"   coreset: {len(idx)} of {bank.shape[0]} x {dim} (projection {kcfg.coreset_dim}) in {t_core:.2f}s")
-    small = bank[:10_000]
+    small = bank[:min(10_000, coreset_bank)]
     t_fast, a = timed(greedy_coreset, small, 0.1, 0, kcfg.coreset_dim)
     t_ref, b = timed(greedy_coreset_reference, small, 0.1, 0, kcfg.coreset_dim)
     print(f"   coreset 10 % of 10k: {t_fast:.2f}s, one-cdist-per-pick reference {t_ref:.2f}s (x{t_ref / t_fast:.1f}), "
@@ -136,11 +137,12 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          stages: bool = typer.Option(False, help="also time each DVC stage with `dvc repro -s -f`"),
          knn_only: bool = typer.Option(False, help="only the kNN bank sweep and the coreset timing"),
          banks: str = typer.Option("10000,50000,200000", help="bank sizes of the kNN sweep (comma-separated)"),
-         queries: int = typer.Option(16, help="query images of the kNN sweep")) -> None:
+         queries: int = typer.Option(16, help="query images of the kNN sweep"),
+         coreset_bank: int = typer.Option(50_176, help="bank rows of the coreset timing")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
-    knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries)
+    knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries, coreset_bank=coreset_bank)
     if knn_only:
         return
     rows = mf.read_manifest(images)[:limit]
