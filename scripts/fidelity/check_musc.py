@@ -55,7 +55,10 @@ def check(ctx: Ctx) -> list[Row]:
 
     # the whole patch-score sequence of our CLIP branch (official: MSM per layer, mean over layers, then over r)
     patch = clip_patch_scores(levels, G, R_LIST, TOPMIN).reshape(N, -1)
-    rows.append(row("musc", src, "patch scores (mean over layers and r)", patch, off["patch"]))
+    rows.append(row("musc", src, "patch scores of the CLIP branch (mean over layers and r)", patch, off["patch"],
+                    notes="intentional: musc.branch visual (the demo's CNN maps) aggregates levels as PatchCore "
+                          "does, without LNAMD's layer norm; maps are smoothed (musc.sigma 4) before the max "
+                          "(official: none); rescore_k default [2, 3] (official MVTec [1, 2, 3])"))
 
     # RsCIN on the official image scores and CLS features; the official min-max normalises the scores first
     s = off["image"].double()
