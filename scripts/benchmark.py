@@ -103,8 +103,9 @@ def naive_distances(grid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152, grid: int = 28) -> None:
-    """Images/s and peak memory of exact kNN scoring per bank size; coreset seconds for 10 % of 50k."""
+def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152, grid: int = 28,
+              coreset_bank: int = 50_176) -> None:
+    """Images/s and peak memory of exact kNN scoring per bank size; coreset seconds for 10 % of `coreset_bank`."""
     g = torch.Generator().manual_seed(0)
     queries = torch.randn(n_queries, grid, grid, dim, generator=g)
     print(f"kNN exact search, {n_queries} images x {grid * grid} patches x {dim} dims, "
@@ -128,10 +129,10 @@ def knn_sweep(kcfg: KnnConfig, banks: list[int], n_queries: int, dim: int = 152,
             line += (f" | one-matrix-per-image kernel {n_queries / t_naive:6.2f} img/s, "
                      f"+{peak_rss_growth(base):7.1f} MB (x{t_naive / t:.2f} slower)")
         print(line, flush=True)
-    bank = torch.randn(50_176, dim, generator=g)
+    bank = torch.randn(coreset_bank, dim, generator=g)
     t_core, idx = timed(greedy_coreset, bank, 0.1, 0, kcfg.coreset_dim)
     print(f"   coreset: {len(idx)} of {bank.shape[0]} x {dim} (projection {kcfg.coreset_dim}) in {t_core:.2f}s")
-    small = bank[:10_000]
+    small = bank[:min(10_000, coreset_bank)]
     t_fast, a = timed(greedy_coreset, small, 0.1, 0, kcfg.coreset_dim)
     t_ref, b = timed(greedy_coreset_reference, small, 0.1, 0, kcfg.coreset_dim)
     print(f"   coreset 10 % of 10k: {t_fast:.2f}s, one-cdist-per-pick reference {t_ref:.2f}s (x{t_ref / t_fast:.1f}), "
@@ -278,7 +279,8 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          musc_pools: str = typer.Option("50,100,200,400", help="pool sizes of the MuSc curve (comma-separated)"),
          musc_budget: float = typer.Option(64.0, help="musc.max_memory_mb of the MuSc curve"),
          musc_dim: int = typer.Option(152, help="patch descriptor dims of the MuSc curve"),
-         musc_grid: int = typer.Option(28, help="patches per side of the MuSc curve's images")) -> None:
+         musc_grid: int = typer.Option(28, help="patches per side of the MuSc curve's images"),
+         coreset_bank: int = typer.Option(50_176, help="bank rows of the coreset timing")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
@@ -288,7 +290,7 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
     if musc:
         musc_sweep([int(n) for n in musc_pools.split(",") if n], musc_budget, musc_dim, musc_grid)
         return
-    knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries)
+    knn_sweep(kcfg, [int(b) for b in banks.split(",") if b], queries, coreset_bank=coreset_bank)
     if knn_only:
         return
     rows = mf.read_manifest(images)[:limit]

@@ -87,7 +87,7 @@ def slow_mutual(grid: torch.Tensor, topmin: float) -> torch.Tensor:
     n, h, w, d = grid.shape
     flat = grid.reshape(n, h * w, d).double()
     out = torch.zeros(n, h * w, dtype=torch.float64)
-    k = max(1, int(round(topmin * (n - 1))))
+    k = max(1, int(topmin * (n - 1)))  # the official MSM count (floor), at least one
     for i in range(n):
         per_image = torch.stack([torch.cdist(flat[i], flat[j]).min(1).values for j in range(n) if j != i], 1)
         out[i] = per_image.sort(1).values[:, :k].mean(1)
@@ -142,8 +142,10 @@ def test_interval_mean_and_rescore_by_hand():
     assert torch.allclose(interval_mean(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 0.5), torch.tensor([1.5]))
     scores = torch.tensor([0.0, 1.0, 10.0])
     glob = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])  # image 0 ~ image 1; image 2 alone
-    # k=2: each image with its most similar other image; k=1: itself
-    k2 = torch.tensor([(0 + 1) / 2, (1 + 0) / 2, (10 + 1) / 2])
+    # k=2: each image with its most similar other image, weighted by cosine (RsCIN's MMO); k=1: itself
+    c01 = 0.9 / (0.82 ** 0.5)  # cos(image 0, image 1)
+    c12 = 0.1 / (0.82 ** 0.5)  # cos(image 2, image 1): its closest other image
+    k2 = torch.tensor([(0 + c01 * 1) / (1 + c01), (1 + c01 * 0) / (1 + c01), (10 + c12 * 1) / (1 + c12)])
     assert torch.allclose(rescore(scores, glob, [2]), k2)
     assert torch.allclose(rescore(scores, glob, [1, 2]), (scores + k2) / 2)
     assert torch.equal(rescore(scores, glob, []), scores)

@@ -78,11 +78,12 @@ def _projection(bank: torch.Tensor, seed: int, proj_dim: int) -> tuple[torch.Ten
 
 
 def _n_select(m: int, ratio: float) -> int:
-    return max(1, int(round(m * ratio)))
+    """Coreset size: int(m * ratio) as anomalib's KCenterGreedy (floor), at least one."""
+    return max(1, int(m * ratio))
 
 
 def greedy_coreset_reference(bank: torch.Tensor, ratio: float, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
-    """Slow reference greedy k-center (one `cdist` per pick). bank [M, D] -> indices [round(ratio M)]."""
+    """Slow reference greedy k-center (one `cdist` per pick). bank [M, D] -> indices [int(ratio M)]."""
     m = bank.shape[0]
     n = _n_select(m, ratio)
     if n >= m:
@@ -99,7 +100,7 @@ def greedy_coreset_reference(bank: torch.Tensor, ratio: float, seed: int = 0, pr
 
 
 def greedy_coreset(bank: torch.Tensor, ratio: float, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
-    """Greedy k-center subsampling (PatchCore) on a random projection. bank [M, D] -> indices [round(ratio M)].
+    """Greedy k-center subsampling (PatchCore) on a random projection. bank [M, D] -> indices [int(ratio M)].
 
     Same picks as `greedy_coreset_reference` (same projection and start), but the squared min-distance vector
     is updated in place by one `addmm` (||p||^2 - 2 p_i^T P^T, + ||p_i||^2) per pick against the transposed

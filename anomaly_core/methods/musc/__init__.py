@@ -43,15 +43,32 @@ class MuscConfig:
             raise ConfigError(f"{section}.sigma={self.sigma}: must be >= 0")
 
 
-def clip_grid_tokens(levels: list[torch.Tensor], grid: int, r: int) -> torch.Tensor:
-    """CLIP tokens [N, g*g, E] per level -> r x r averaged, per-level normalised, concatenated [N, g, g, levels*E]."""
+def musc_clip_levels(levels: list[torch.Tensor], grid: int, r: int) -> list[torch.Tensor]:
+    """LNAMD of CLIP tokens, as the official `_LNAMD.py`: [N, g*g, E] per level -> per level [N, g, g, E]: layer norm
+    over each image's whole [E, g, g] map (no affine), r x r mean with zero padding (the official unfold + mean),
+    L2-normalised."""
     out = []
     for lvl in levels:
         x = lvl.float().reshape(lvl.shape[0], grid, grid, -1).permute(0, 3, 1, 2)  # [N, E, g, g]
+        x = F.layer_norm(x, x.shape[1:])
         if r > 1:
-            x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=False)
+            x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=True)
         out.append(F.normalize(x.permute(0, 2, 3, 1), dim=-1))
-    return torch.cat(out, dim=-1)
+    return out
+
+
+def clip_grid_tokens(levels: list[torch.Tensor], grid: int, r: int) -> torch.Tensor:
+    """CLIP tokens [N, g*g, E] per level -> LNAMD per level, concatenated [N, g, g, levels*E]."""
+    return torch.cat(musc_clip_levels(levels, grid, r), dim=-1)
+
+
+def clip_patch_scores(levels: list[torch.Tensor], grid: int, sizes: list[int], topmin: float,
+                      max_memory_mb: float = 256.0) -> torch.Tensor:
+    """CLIP tokens [N, g*g, E] per level -> MuSc patch scores [N, g, g]: mutual scores of each level apart,
+    averaged over the levels, then over the LNAMD sizes (the official models/musc.py order)."""
+    return torch.stack([torch.stack([mutual_scores(lv, topmin, max_memory_mb=max_memory_mb)
+                                     for lv in musc_clip_levels(levels, grid, r)]).mean(0)
+                        for r in sizes]).mean(0)
 
 
 def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,14 +77,14 @@ def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) 
     levels = store.levels(feats)
     if cfg.branch == "clip":
         g = store.info["clip"]["grid"]
-        grids = [clip_grid_tokens(levels, int(g[0] if isinstance(g, (list, tuple)) else g), r)
-                 for r in cfg.aggregate_sizes]
+        patch = clip_patch_scores(levels, int(g[0] if isinstance(g, (list, tuple)) else g), cfg.aggregate_sizes,
+                                  cfg.topmin, cfg.max_memory_mb)
         glob = feats["global"]
     else:
         grids = [cnn_patches(levels, r) for r in cfg.aggregate_sizes]
         glob = levels[-1].float().mean(dim=(2, 3))  # [N, C] global average of the deepest level
-    patch = torch.stack([mutual_scores(g_, cfg.topmin, max_memory_mb=cfg.max_memory_mb)
-                         for g_ in grids]).mean(0)  # [N, h, w]
+        patch = torch.stack([mutual_scores(g_, cfg.topmin, max_memory_mb=cfg.max_memory_mb)
+                             for g_ in grids]).mean(0)  # [N, h, w]
     maps = to_image_maps(patch, size, cfg.sigma)
     return rescore(image_score_from_map(maps, "max"), glob, cfg.rescore_k), maps
 

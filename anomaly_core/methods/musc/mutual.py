@@ -4,8 +4,8 @@
 * MSM: a patch of image i gets, for every other image j, the distance to its nearest patch in j; these N - 1
   distances are sorted and the lowest `topmin` share is averaged (normal patches find close matches in most
   images, a defect patch in few or none);
-* RsCIN: image scores re-scored by averaging over each image's k most similar images (global features, cosine,
-  itself included), averaged over several k.
+* RsCIN: image scores re-scored by the cosine-weighted mean over each image's k most similar images (global
+  features, itself included), averaged over several k.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ BYTES = 4  # float32
 
 
 def interval_count(m: int, topmin: float) -> int:
-    """How many of `m` distances the interval mean averages: max(1, round(topmin * m))."""
-    return max(1, int(round(topmin * m)))
+    """How many of `m` distances the interval mean averages: max(1, int(topmin * m)) (the official MSM's count:
+    floor, e.g. 2 of 9 at topmin 0.3, not round's 3; at least one where the official would average none)."""
+    return max(1, int(topmin * m))
 
 
 def interval_mean(dist: torch.Tensor, topmin: float, count: int | None = None) -> torch.Tensor:
-    """[..., M] -> [...]: mean of the smallest `count` values (default max(1, round(topmin * M)))."""
+    """[..., M] -> [...]: mean of the smallest `count` values (default interval_count(M, topmin))."""
     k = interval_count(dist.shape[-1], topmin) if count is None else count
     return dist.topk(k, dim=-1, largest=False).values.mean(-1)
 
@@ -102,11 +103,18 @@ def mutual_scores(grid: torch.Tensor, topmin: float = 0.3, chunk_images: int = 8
 
 
 def rescore(scores: torch.Tensor, global_feats: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """RsCIN: scores [N], global features [N, E] -> mean over k in `ks` of the mean score of each image's k most
-    similar images (cosine, itself included; k capped at N). Empty `ks` returns the scores unchanged."""
+    """RsCIN (the official `MMO`): scores [N], global features [N, E] -> mean over k in `ks` of the
+    similarity-weighted mean score of each image's k most similar images (cosine weights, itself included; k capped
+    at N). Empty `ks` returns the scores unchanged. The official code min-max normalises the scores first; a
+    weighted mean commutes with that affine map, so the ranking is the same and the scores keep their scale."""
     if not ks:
         return scores
     g = F.normalize(global_feats.float(), dim=-1)
-    order = (g @ g.T).argsort(dim=1, descending=True, stable=True)  # [N, N]; itself first (cos 1)
+    sim = g @ g.T  # [N, N]; itself first (cos 1)
     n = scores.shape[0]
-    return torch.stack([scores[order[:, : min(k, n)]].mean(1) for k in ks]).mean(0)
+    out = []
+    for k in ks:
+        keep = torch.zeros_like(sim).scatter_(1, sim.topk(min(k, n), dim=1).indices, 1.0)
+        w = sim * keep
+        out.append((w / w.sum(1, keepdim=True)) @ scores.float())
+    return torch.stack(out).mean(0)
