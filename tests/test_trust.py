@@ -273,3 +273,24 @@ def test_their_allowed_neighbours_pass():
     ok = {"knn.patch_aggregate": 1, "knn.sigma": 0, "knn.top_percent": 100, "data.folder.normal_test_dir": "test_good",
           "data.folder.mask_dir": "masks", "threshold.mode": "fixed", "export.method": "knn"}
     assert validate_params(with_changes(PARAMS, ok)) == []
+
+
+def test_features_stage_refuses_a_weights_file_that_leaves_tensors_unloaded(knn_features: Path, tmp_path: Path,
+                                                                              capsys):
+    """A local timm checkpoint missing backbone tensors is refused, listing them (it used to load with up to half
+    of them random while info.json said pretrained); one without only the classifier head loads."""
+    import timm
+
+    root = knn_features
+    state = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("blocks.6.")}
+    torch.save(partial, tmp_path / "partial.pt")
+    config = json.loads((root / "config" / "features.json").read_text())
+    config["backbones"]["visual"]["pretrained"] = str(tmp_path / "partial.pt")
+    (tmp_path / "features.json").write_text(json.dumps(config))
+    message = one_error(capsys, "features", config=tmp_path / "features.json",
+                        images=root / "prepared" / "images.csv", out=tmp_path / "features")
+    n_missing = sum(k.startswith("blocks.6.") and not k.endswith("num_batches_tracked") for k in state)
+    assert message.startswith(f"{tmp_path / 'partial.pt'} does not fit timm model efficientnet_lite0: ")
+    assert f" {n_missing} of {len(state)} backbone tensors would stay unloaded (blocks.6.0." in message
+    assert not (tmp_path / "features" / "info.json").exists()
