@@ -294,3 +294,24 @@ def test_features_stage_refuses_a_weights_file_that_leaves_tensors_unloaded(knn_
     assert message.startswith(f"{tmp_path / 'partial.pt'} does not fit timm model efficientnet_lite0: ")
     assert f" {n_missing} of {len(state)} backbone tensors would stay unloaded (blocks.6.0." in message
     assert not (tmp_path / "features" / "info.json").exists()
+
+
+def test_collect_refuses_experiments_that_differ_in_more_than_shots_and_seed(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from anomaly_core.cli import app
+
+    data = json.loads((REPO / "tests" / "fixtures" / "dvc_exp_show.json").read_text())
+    args = lambda path: ["collect", "--from-json", str(path), "--out", str(tmp_path / "sweep")]
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(data))
+    assert CliRunner().invoke(app, args(same)).exit_code == 0  # only shots / seed differ
+    exp = next(e for b in data for e in b.get("experiments") or [] if e.get("name") == "s1-seed0")
+    exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["knn"] = {"k": 3}
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(data))
+    res = CliRunner().invoke(app, args(mixed))
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: collect: the experiments differ in params other than "
+                                                   "shots/seed (knn.k: ") and "s1-seed0" in lines[0]
