@@ -110,6 +110,15 @@ def test_a_category_with_one_val_anomaly_stops_the_selection():
         "a": "holdout: 5 normal + 2 anomalous", "screw": "no holdout (< 2 val anomalies): training criterion"}
 
 
+def test_a_method_without_a_holdout_counts_as_trained_on_every_val_anomaly():
+    """vpt_knn needs 2 held-out normals: with 1 val normal and 2 shots it has no holdout and trains on all 4 val
+    anomalies, so no anomaly is left to choose on."""
+    rows = rows_of("a", 1, 4, n_shots=2)
+    assert not split_holdout(rows, "a", 0, "vpt_knn", 0.25, min_normals=2).has_holdout
+    with pytest.raises(DataError, match=r"^category a: no val rows left .* 1 normal and 4 anomalous images and vpt_knn"):
+        selection_rows(rows, 0, {"vpt_knn": 0.25})
+
+
 def _fake_scores(rows, seed: int, size: int = 8, nan_in: str | None = None) -> dict:
     """{split: Scores} that rank anomalies above normals (with noise), for the fuse stage's file contract."""
     rng = np.random.default_rng(seed)

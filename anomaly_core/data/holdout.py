@@ -79,20 +79,22 @@ def selection_rows(rows: Sequence[Row], seed: int, holdouts: float | Mapping[str
 
     ``holdouts``: {method: holdout_fraction} of the selected methods that train on val anomalies (or the smallest
     such fraction). Empty / 0 = no selected method trains on val rows: the whole val split. Otherwise the val
-    normals plus the val anomalies held out at the smallest fraction (the permutation is shared by every method,
-    so that holdout is held out by all of them). A category where those rows lack a class stops the run: a choice
-    there would be made on rows a method trained on, or on nothing (DataError naming the category and params).
+    normals (no method trains on them) plus the val anomalies that no method's split trains on (the permutation is
+    shared by every method, so these are the smallest fraction's holdout). A category where those rows lack a
+    class stops the run: a choice there would be made on rows a method trained on, or on nothing (DataError
+    naming the category and params).
     """
     fractions = holdouts if isinstance(holdouts, Mapping) else ({"selected methods": holdouts} if holdouts else {})
     fractions = {m: float(f) for m, f in fractions.items()}
     out = []
     for cat in sorted({r.category for r in rows}):
         val = rows_for(rows, cat, "val")
-        if not fractions:
-            held = val
-        else:
-            split = split_holdout(rows, cat, seed, "selection", min(fractions.values()))
-            held = [r for r in split.holdout_normal + split.holdout_anomalous if r.split == "val"]
+        # what any method may have trained on: its split's training anomalies (min_normals=2, the strictest any
+        # method asks, so a method without a holdout counts as having trained on every val anomaly)
+        trained = {r.id for m, f in fractions.items()
+                   for r in split_holdout(rows, cat, seed, m, f, min_normals=2).train_anomalous}
+        held = ([r for r in val if r.label == 0] + [r for r in val if r.label == 1 and r.id not in trained]
+                if fractions else val)
         n_norm, n_anom = sum(r.label == 0 for r in held), sum(r.label == 1 for r in held)
         if not n_norm or not n_anom:
             n_val_anom = sum(r.label == 1 for r in val)
