@@ -192,6 +192,28 @@ def test_fuse_stage_stops_on_nan_scores_naming_method_and_category(tmp_path: Pat
     assert message == "knn (visual branch, test): category b has 1 NaN/inf image scores and 0 NaN/inf map pixels"
 
 
+def test_export_choice_never_ranks_on_fewer_categories():
+    """`export.method: best` (deploy.export.choose_method): a NaN in one category of one candidate, or a category
+    without anomalous selection rows, stops the choice naming them (it used to rank on the other categories)."""
+    from anomaly_core.deploy.export import choose_method
+
+    rows = rows_of("a", 6, 8) + rows_of("b", 4, 4)
+    truth = {c: ([r.id for r in part], np.array([r.label for r in part]), np.zeros((len(part), 8, 8), bool))
+             for c in ("a", "b") for part in [[r for r in rows if r.category == c and r.split == "val"]]}
+    val = _fake_scores(rows, 0)["val"]
+    ids, img, maps = val["b"]
+    img = img.clone()
+    img[1] = float("nan")
+    cands = {"knn": val, "zero_shot_clip": {**val, "b": (ids, img, maps)}}
+    assert choose_method({"knn": val}, truth, "image_auroc")[0] == "knn"
+    with pytest.raises(DataError, match=r"^zero_shot_clip: category b has 1 NaN/inf image scores"):
+        choose_method(cands, truth, "image_auroc")
+    one_class = {**truth, "b": (truth["b"][0][:4], truth["b"][1][:4], truth["b"][2][:4])}
+    with pytest.raises(DataError, match=r"^knn: image_auroc is not computable on the selection rows of category b"):
+        choose_method({"knn": {c: (v[0][:4], v[1][:4], v[2][:4]) if c == "b" else v for c, v in val.items()}},
+                      one_class, "image_auroc")
+
+
 # ------------------------------------------------------------------------------------------ score@ / fit@ guards
 
 
