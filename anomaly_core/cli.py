@@ -45,6 +45,7 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
             all_commits: bool = typer.Option(False, help="experiments of all commits, not only HEAD"),
             from_json: Optional[Path] = typer.Option(None, help="parse a saved `dvc exp show --json` file")) -> None:
     """Tabulate and plot a `dvc exp run -S shots=.. -S seed=..` sweep (mean ± std over seeds)."""
+    from anomaly_core.errors import DataError
     from anomaly_core.experiments import collect_sweep, read_experiments
 
     try:
@@ -52,7 +53,10 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
     except (RuntimeError, OSError, json.JSONDecodeError) as exc:
         _fail(exc)
     keep = [m.strip() for m in methods.split(",") if m.strip()] or None
-    summary = collect_sweep(data, out, metric, keep, include_baseline)
+    try:
+        summary = collect_sweep(data, out, metric, keep, include_baseline)
+    except DataError as exc:  # experiments of different configurations
+        _fail(exc)
     if not summary["experiments"]:
         typer.echo("error: no finished experiment with metrics (run e.g. `dvc exp run -S shots=1 -S seed=0`)", err=True)
         raise typer.Exit(1)

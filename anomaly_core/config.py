@@ -67,9 +67,9 @@ class Checks:
         return self
 
     def fraction(self, **values: float) -> "Checks":
-        """Held-out shares in [0, 1)."""
+        """Held-out shares in (0, 1): 0 would hold nothing out (every choice made on training rows)."""
         for k, v in values.items():
-            self.that(0.0 <= v < 1.0, k, v, "must be in [0, 1)")
+            self.that(0.0 < v < 1.0, k, v, "must be in (0, 1)")
         return self
 
     def open_unit(self, **values: float) -> "Checks":
@@ -224,7 +224,13 @@ class FolderConfig:
         Checks(section).that(bool(self.normal_dir), "normal_dir", self.normal_dir, "a directory under data.root") \
             .that(bool(self.abnormal_dir), "abnormal_dir", self.abnormal_dir, "a directory under data.root") \
             .that(0.0 < self.normal_split_ratio < 1.0, "normal_split_ratio", self.normal_split_ratio,
-                  "must be in (0, 1)").done()
+                  "must be in (0, 1)") \
+            .that(not self.normal_test_dir or self.normal_test_dir not in (self.normal_dir, self.abnormal_dir),
+                  "normal_test_dir", self.normal_test_dir, "'' or a directory other than normal_dir and abnormal_dir "
+                  "(training images would be tested)") \
+            .that(not self.mask_dir or self.mask_dir not in (self.abnormal_dir, self.normal_dir, self.normal_test_dir),
+                  "mask_dir", self.mask_dir, "'' or a directory other than abnormal_dir, normal_dir and "
+                  "normal_test_dir (each image would be its own mask)").done()
 
 
 @dataclass

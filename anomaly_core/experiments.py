@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from anomaly_core.errors import DataError
 from anomaly_core.io import atomic_path, write_text
 
 __all__ = ["METRIC_FILES", "dvc_command", "run_exp_show", "read_experiments", "parse_exp_show", "dedupe", "aggregate",
@@ -126,7 +127,47 @@ def _row(rev: dict, name: str, baseline: str, kind: str, files: Sequence[str]) -
     data = rev.get("data") or {}
     return {"experiment": name, "rev": rev.get("rev", ""), "baseline": baseline, "kind": kind,
             "timestamp": data.get("timestamp") or "", "shots": _param(data.get("params"), "shots"),
-            "seed": _param(data.get("params"), "seed"), "metrics": _method_metrics(data.get("metrics"), files)}
+            "seed": _param(data.get("params"), "seed"), "metrics": _method_metrics(data.get("metrics"), files),
+            "other_params": _flat_params(data.get("params"))}
+
+
+SWEPT = ("shots", "seed")
+
+
+def _flat_params(params: dict | None) -> dict[str, Any]:
+    """{"file:dotted.key": value} of every param except the swept ones (`shots`, `seed`)."""
+    out: dict[str, Any] = {}
+
+    def walk(tree: Any, prefix: str, file: str) -> None:
+        if isinstance(tree, dict) and tree:
+            for k, v in tree.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k), file)
+        elif prefix not in SWEPT:
+            out[f"{file}:{prefix}" if file != "params.yaml" else prefix] = tree
+    for file, entry in (params or {}).items():
+        walk((entry or {}).get("data") or {}, "", file)
+    return out
+
+
+def check_same_setup(rows: list[dict]) -> None:
+    """DataError when the collected experiments differ in any param but `shots` / `seed`: a mean over seeds of
+    different configurations would mix them. The message names the keys and two experiments that differ."""
+    if not rows:
+        return
+    first = rows[0]
+    diffs: dict[str, tuple[dict, Any, Any]] = {}
+    for r in rows[1:]:
+        a, b = first.get("other_params", {}), r.get("other_params", {})
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k) and k not in diffs:
+                diffs[k] = (r, a.get(k), b.get(k))
+    if diffs:
+        shown = "; ".join(f"{k}: {v1!r} in {first['experiment']}, {v2!r} in {r['experiment']}"
+                          for k, (r, v1, v2) in list(diffs.items())[:3])
+        more = f" (and {len(diffs) - 3} more keys)" if len(diffs) > 3 else ""
+        raise DataError(f"collect: the experiments differ in params other than shots/seed ({shown}{more}); a mean "
+                        "over seeds would mix configurations: remove the other experiments (dvc exp remove) or "
+                        "collect each configuration from its own commit")
 
 
 def _finished(exp: dict) -> dict | None:
@@ -262,6 +303,7 @@ def collect_sweep(data: list[dict], out: str | Path, metric: str = "image_auroc"
                   methods: Sequence[str] | None = None, include_baseline: bool = False) -> dict:
     """Parse ``dvc exp show --json`` data and write the two CSVs and the plot under ``out``; returns a summary."""
     rows, dropped = dedupe(parse_exp_show(data, include_baseline))
+    check_same_setup(rows)
     if methods:
         rows = [{**r, "metrics": {m: v for m, v in r["metrics"].items() if m in methods}} for r in rows]
     table = aggregate(rows)

@@ -27,10 +27,11 @@ import torch
 
 from anomaly_core.config import Checks
 from anomaly_core.errors import ConfigError, DataError
+from anomaly_core.store import check_finite
 
 __all__ = [
     "FusionConfig", "METRICS", "normalise_stats", "apply_norm", "mix", "val_metric", "sweep_alpha",
-    "best_on_grid", "with_endpoints", "select_clip_method", "fuse_scores", "fusion_model", "apply_fusion_model",
+    "best_on_grid", "with_endpoints", "check_finite", "constant_parts", "select_clip_method", "fuse_scores", "fusion_model", "apply_fusion_model",
 ]
 
 Scores = dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]
@@ -39,7 +40,9 @@ Metric = Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "mean"
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "mean")
 TIE_TOL = 1e-12
 TIE_RULE = "ties (within 1e-12) go to the alpha closest to 0.5, then to the smaller alpha"
-_EPS = 1e-12
+CONSTANT_RTOL = 1e-6  # a branch whose val std is below this share of |mean| is constant (z = 0)
+CONSTANT_RULE = ("a branch constant on a category's val split (std <= 1e-6 |mean|) gets z = 0 there: it cannot rank, "
+                 "so the other branch decides (no std floor)")
 
 
 def _default_alphas() -> list[float]:
@@ -87,14 +90,29 @@ def val_truth(rows, size: int) -> Truth:
 
 
 def _mean_std(x: torch.Tensor) -> tuple[float, float]:
-    """(mean, std) of all elements as floats; std floored at 1e-12 (constant scores)."""
+    """(mean, std) of all elements as floats. A constant input (std <= CONSTANT_RTOL * |mean|, float32 rounding
+    noise included) gets std 0: `apply_norm` then maps that branch to z = 0 everywhere."""
     x = x.double()
-    return float(x.mean()), max(float(x.std(unbiased=False)), _EPS)
+    mean, std = float(x.mean()), float(x.std(unbiased=False))
+    return mean, (0.0 if std <= CONSTANT_RTOL * abs(mean) else std)
 
 
 def normalise_stats(val_scores: Scores) -> dict[str, dict[str, tuple[float, float]]]:
     """Per category: ``{"image": (mean, std) of val image scores [N], "map": (mean, std) of val map pixels}``."""
     return {cat: {"image": _mean_std(image), "map": _mean_std(maps)} for cat, (_, image, maps) in val_scores.items()}
+
+
+def constant_parts(stats: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """``category.image`` / ``category.map`` entries whose val values are constant (std 0, z = 0)."""
+    return [f"{cat}.{k}" for cat, per in sorted(stats.items()) for k, (_, sd) in per.items() if sd == 0.0]
+
+
+def _z(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(x - mean) / std in float64 -> float32; std 0 (a branch constant on val) -> zeros: it carries no ranking
+    information on val, so it adds nothing and the other branch decides (documented constant-branch rule)."""
+    if std == 0.0:
+        return torch.zeros_like(x, dtype=torch.float32)
+    return ((x.double() - mean) / std).float()
 
 
 def apply_norm(scores: Scores, stats: dict[str, dict[str, tuple[float, float]]]) -> Scores:
@@ -105,7 +123,7 @@ def apply_norm(scores: Scores, stats: dict[str, dict[str, tuple[float, float]]])
     out: Scores = {}
     for cat, (ids, image, maps) in scores.items():
         (mi, si), (mm, sm) = stats[cat]["image"], stats[cat]["map"]
-        out[cat] = (list(ids), ((image.double() - mi) / si).float(), ((maps.double() - mm) / sm).float())
+        out[cat] = (list(ids), _z(image, mi, si), _z(maps, mm, sm))
     return out
 
 
@@ -155,29 +173,26 @@ def _category_metric(metric: str, labels: np.ndarray, masks: np.ndarray, image: 
 
 
 def val_metric(truth: Truth, scores: Scores, metric: str, max_fpr: float = 0.3,
-               max_pixels: int | None = None) -> tuple[float, list[str]]:
-    """Unweighted mean of ``metric`` over the categories of ``truth`` where it is computable.
-
-    ``scores`` must be in the id order of ``truth``. Returns (value, skipped categories); a category is skipped
-    when its val split lacks a class (e.g. no anomalous val image). Raises DataError if none is computable.
-    """
+               max_pixels: int | None = None, what: str = "scores") -> float:
+    """Unweighted mean of ``metric`` over EVERY category of ``truth`` (never over fewer: a category where it is
+    not computable is an error, as are NaN/inf scores). ``scores`` must be in the id order of ``truth``;
+    ``what`` names the method in errors."""
     if metric not in ("image_auroc", "image_ap") and not any(np.asarray(t[2]).any() for t in truth.values()):
         raise DataError(f"fusion.metric={metric}: the val split has no defect pixel (a dataset without masks?); "
                         "use image_auroc or image_ap")
-    values, skipped = [], []
+    check_finite({c: scores[c] for c in truth}, what)
+    values = []
     for cat, (_, labels, masks) in truth.items():
+        labels, masks = np.asarray(labels), np.asarray(masks)
+        if labels.min() == labels.max():
+            raise DataError(f"{what}: {metric} is not computable on the selection rows of category {cat} (only "
+                            f"{'anomalous' if labels.min() else 'normal'} images); raise data.val_fraction")
+        if metric not in ("image_auroc", "image_ap") and not masks.any():
+            raise DataError(f"{what}: {metric} is not computable on category {cat}: its selection rows have no "
+                            "defect pixel (empty masks); use image_auroc or image_ap")
         _, image, maps = scores[cat]
-        try:
-            values.append(_category_metric(metric, np.asarray(labels), np.asarray(masks), image.numpy(),
-                                           maps.numpy(), max_fpr, max_pixels))
-        except ValueError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            skipped.append(cat)
-    if not values:
-        raise DataError(f"fusion: {metric} is not computable on the validation split of any category "
-                        "(each needs normal and anomalous val images); raise data.val_fraction")
-    return float(np.mean(values)), skipped
+        values.append(_category_metric(metric, labels, masks, image.numpy(), maps.numpy(), max_fpr, max_pixels))
+    return float(np.mean(values))
 
 
 # --------------------------------------------------------------------------- alpha sweep
@@ -205,7 +220,7 @@ def sweep_alpha(clip_val: Scores, visual_val: Scores, truth: Truth, grid: Sequen
     """
     curve = []
     for alpha in with_endpoints(grid):
-        value, _ = val_metric(truth, mix(clip_val, visual_val, alpha), metric, max_fpr, max_pixels)
+        value = val_metric(truth, mix(clip_val, visual_val, alpha), metric, max_fpr, max_pixels, "fusion")
         curve.append((alpha, value))
     return best_on_grid(curve), curve
 
@@ -233,7 +248,7 @@ def select_clip_method(cfg: FusionConfig, candidates: dict[str, Scores], truth: 
     if not names:
         raise DataError(f"fusion.clip_method=auto: none of {list(preference)} has scores")
     ids = _truth_ids(truth)
-    values = {m: val_metric(truth, _reorder(candidates[m], ids, m), cfg.metric, cfg.max_fpr, cfg.max_pixels)[0]
+    values = {m: val_metric(truth, _reorder(candidates[m], ids, m), cfg.metric, cfg.max_fpr, cfg.max_pixels, m)
               for m in names}
     best = max(values.values())
     return next(m for m in names if values[m] >= best - TIE_TOL), values
@@ -245,11 +260,16 @@ def fuse_scores(clip: dict[str, Scores], visual: dict[str, Scores], truth: Truth
 
     ``truth``: val ground truth; val Scores are aligned to its ids, other splits to the clip branch's ids.
     Returns ({split: fused Scores}, report) with report keys: ``alpha``, ``metric``, ``grid``, ``curve``
-    [[alpha, value]], ``val`` {clip, visual, fusion}, ``branches``, ``skipped_categories``, ``tie_rule``, ``note``.
+    [[alpha, value]], ``val`` {clip, visual, fusion}, ``branches``, ``constant_on_val``, ``constant_rule``,
+    ``tie_rule``, ``note``. NaN/inf scores of either branch stop it (DataError naming the branch and category).
     """
     if "val" not in clip or "val" not in visual:
         raise DataError("fusion: both branches need val scores")
     ids = _truth_ids(truth)
+    for split in clip:
+        check_finite(clip[split], f"{clip_name or cfg.clip_method} (clip branch, {split})")
+    for split in visual:
+        check_finite(visual[split], f"{cfg.visual_method} (visual branch, {split})")
     stats_c = normalise_stats(_reorder(clip["val"], ids, "clip branch"))
     stats_v = normalise_stats(_reorder(visual["val"], ids, "visual branch"))
     norm = {}
@@ -263,7 +283,6 @@ def fuse_scores(clip: dict[str, Scores], visual: dict[str, Scores], truth: Truth
     alpha, curve = sweep_alpha(*norm["val"], truth, grid, cfg.metric, cfg.max_fpr, cfg.max_pixels)
     by_alpha = dict(curve)
     fused = {split: mix(c, v, alpha) for split, (c, v) in norm.items()}
-    _, skipped = val_metric(truth, fused["val"], cfg.metric, cfg.max_fpr, cfg.max_pixels)
     report = {
         "alpha": alpha,
         "metric": cfg.metric,
@@ -272,7 +291,8 @@ def fuse_scores(clip: dict[str, Scores], visual: dict[str, Scores], truth: Truth
         "curve": [[a, v] for a, v in curve],
         "val": {"clip": by_alpha[1.0], "visual": by_alpha[0.0], "fusion": by_alpha[alpha]},
         "branches": {"clip": clip_name or cfg.clip_method, "visual": cfg.visual_method},
-        "skipped_categories": skipped,
+        "constant_on_val": {"clip": constant_parts(stats_c), "visual": constant_parts(stats_v)},
+        "constant_rule": CONSTANT_RULE,
         "tie_rule": TIE_RULE,
         "note": "scores standardised per category and branch with val statistics; alpha chosen on val "
                 "(mean over categories); test fused with the val statistics and alpha",

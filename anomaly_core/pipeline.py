@@ -90,7 +90,8 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[name] = {**subset(params, FIXED[name]), "enabled": True} if enabled else {"task": task, "enabled": False}
     out["fuse"].update(methods=methods, roles={m: get_method(m).role for m in methods},
                        holdouts={m: section(params, get_method(m).holdout) for m in methods if get_method(m).holdout})
-    out["evaluate"].update(methods=methods, transductive=[m for m in methods if get_method(m).transductive],
+    out["evaluate"].update(methods=methods, seed=section(params, "seed"), holdouts=out["fuse"]["holdouts"],
+                           transductive=[m for m in methods if get_method(m).transductive],
                            baselines={m: get_method(m).baseline for m in methods
                                       if get_method(m).baseline in methods})
     out["export"].update(methods=methods, holdouts=out["fuse"]["holdouts"])

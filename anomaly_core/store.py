@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import torch
 
@@ -64,12 +65,53 @@ class FeatureStore:
         return level_list(feats)
 
 
-def save_scores(path: str | Path, per_category: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]) -> None:
-    """Write one method's scores for one split: {category: (ids, image [N], maps [N, S, S])}."""
+def check_finite(scores: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]], what: str) -> None:
+    """DataError naming ``what`` (the stage / method) and the first category whose image scores [N] or maps
+    [N, S, S] hold NaN / inf: no stage writes, ranks or fuses such scores."""
+    for cat, (_, image, maps) in scores.items():
+        bad_i, bad_m = int((~torch.isfinite(image)).sum()), int((~torch.isfinite(maps)).sum())
+        if bad_i or bad_m:
+            raise DataError(f"{what}: category {cat} has {bad_i} NaN/inf image scores and {bad_m} NaN/inf map "
+                            "pixels")
+
+
+def check_finite_state(state: Any, what: str) -> None:
+    """DataError naming ``what`` (fit@<method> and category) when a fitted state (tensors, modules, dicts, lists,
+    dataclasses of them) holds a NaN / inf tensor, with the tensor's path."""
+    def walk(obj: Any, where: str):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                yield where
+        elif isinstance(obj, torch.nn.Module):
+            yield from walk(obj.state_dict(), where)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from walk(v, f"{where}[{i}]")
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                yield from walk(getattr(obj, f.name), f"{where}.{f.name}" if where else f.name)
+    bad = list(walk(state, ""))
+    if bad:
+        raise DataError(f"{what}: the fitted state holds NaN/inf values (in {', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}); the training diverged: lower its lr or check its inputs")
+
+
+def save_scores(path: str | Path, per_category: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]],
+                what: str | None = None) -> None:
+    """Write one method's scores for one split: {category: (ids, image [N], maps [N, S, S])}. NaN/inf scores, or
+    maps beyond the stored float16 range, raise a DataError naming ``what`` (default: the path) and the category."""
+    what = what or str(path)
+    check_finite(per_category, what)
     tensors, ids = {}, {}
     for cat, (cat_ids, image, maps) in per_category.items():
         tensors[f"{cat}.image"] = image.float().cpu()
         tensors[f"{cat}.map"] = maps.half().cpu()
+        if not bool(torch.isfinite(tensors[f"{cat}.map"]).all()):
+            raise DataError(f"{what}: category {cat}: map values up to {float(maps.abs().max()):.4g} exceed the "
+                            "float16 range of the stored maps (65504)")
         ids[cat] = list(cat_ids)
     save_tensors(path, tensors, {"ids": ids})
 

@@ -205,10 +205,21 @@ def rule_tiling_stages(params: dict[str, Any], configs: Configs) -> list[str]:
             "data.image_size); the tiled kNN runs with anomaly_core.methods.knn.tiled (scripts/tiling_benchmark.py)"]
 
 
+def rule_fixed_threshold(params: dict[str, Any], configs: Configs) -> list[str]:
+    """`threshold.mode: fixed` needs a named `export.method`: its value is in the unit of one method's scores,
+    and with `best` which method (and unit) wins is only known after the run."""
+    export, threshold = configs.get("export"), configs.get("threshold")
+    if export is None or threshold is None or threshold.mode != "fixed" or export.method != "best":
+        return []
+    return ["threshold.mode='fixed': needs export.method set to one method (its value is in that method's score "
+            "unit), not 'best'; or use threshold.mode f1 / fpr"]
+
+
 DEFAULT_RULES: list[Rule] = [
     rule_same_value("aaclip_image.image_size", "backbones.clip.image_size"),
     rule_demo_shots,
     rule_tiling_stages,
+    rule_fixed_threshold,
 ]
 
 

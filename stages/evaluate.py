@@ -6,6 +6,7 @@ import typer
 from anomaly_core import reporting as rp
 from anomaly_core.config import EvaluateConfig, build
 from anomaly_core.data import manifest as mf
+from anomaly_core.data.holdout import selection_protocol
 from anomaly_core.io import read_json, write_json, write_text
 from stages.common import friendly_errors, get, load_config, progress
 
@@ -28,6 +29,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     rows = mf.read_manifest(manifest)
     protocol = rp.protocol(float(get(params, "data.val_fraction")), info, methods, get(params, "transductive"),
                            masks=rp.ev.has_masks(rows), input_warnings=read_json(warnings))
+    protocol["selection"] = selection_protocol(rows, int(get(params, "seed")), get(params, "holdouts"))
     if get(params, "task") != "anomaly":
         return rp.classification_only(protocol, metrics, reports)
     summary, per_category = rp.evaluate_methods(rows, rp.score_dirs(methods, scores, fused),

@@ -43,13 +43,15 @@ def main(method: str = typer.Option(...),
     from anomaly_core.io import jsonable, write_json
     from anomaly_core.methods import get_method
     from anomaly_core.methods.base import context_for, states_path
-    from anomaly_core.store import FeatureStore
+    from anomaly_core.store import FeatureStore, check_finite_state
 
     m = get_method(method)
     seed_everything(int(get(params, "seed")))
     rows = mf.read_manifest(manifest)
     ctx = context_for(m, params, rows, FeatureStore(features), models, progress(), device())
     states, fit_report = m.fit(ctx)
+    for cat, st in states.items():
+        check_finite_state(st, f"fit@{method} category {cat}")
     for cat, st in states.items():
         m.save(states_path(models, cat), st, ctx)
     write_json(report, jsonable(fit_report))

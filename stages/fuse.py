@@ -34,7 +34,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
         return skip(params["skip"], out, metrics)
     from anomaly_core.config import build
     from anomaly_core.data import manifest as mf
-    from anomaly_core.data.holdout import selection_rows
+    from anomaly_core.data.holdout import selection_protocol, selection_rows
     from anomaly_core.fusion import FusionConfig, fuse_scores, fusion_model, select_clip_method, val_truth
     from anomaly_core.store import load_scores, save_scores
 
@@ -43,8 +43,8 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     clip_methods = [m for m in methods if get(params, "roles")[m] == "clip"]
     size, rows = int(get(params, "data.image_size")), mf.read_manifest(manifest)
     # choose on the val rows that no method trained on (the smallest holdout every selected trained method kept)
-    fraction = min(get(params, "holdouts").values(), default=0.0)
-    truth = val_truth(selection_rows(rows, int(get(params, "seed")), float(fraction)), size)
+    holdouts, seed = get(params, "holdouts"), int(get(params, "seed"))
+    truth = val_truth(selection_rows(rows, seed, holdouts), size)
     clip_method, clip_vals = select_clip_method(
         cfg, {m: load_scores(scores / m / "val.safetensors") for m in clip_methods}, truth, clip_methods)
     branch = lambda m: {s: load_scores(scores / m / f"{s}.safetensors") for s in ("val", "test")}
@@ -55,6 +55,7 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     report.pop("stats")
     report["clip_candidates_val"] = clip_vals
     report["selection_rows"] = {c: len(t[0]) for c, t in truth.items()}
+    report["_protocol"] = {"selection": selection_protocol(rows, seed, holdouts)}
     write_json(metrics / "fusion.json", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()})
     write_json(metrics / "plots" / "alpha_curve.json", [{"alpha": a, f"val_{cfg.metric}": v} for a, v in report["curve"]])
     typer.echo(f"fusion: {clip_method} + {cfg.visual_method}, alpha={report['alpha']} chosen on val "

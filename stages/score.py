@@ -32,7 +32,7 @@ def main(method: str = typer.Option(...),
     ctx = context_for(m, params, rows, FeatureStore(features), models, progress(), device())
     states = {c: m.load(states_path(models, c), ctx) for c in mf.categories(rows)} if m.fit is not None else {}
     for split, per_cat in m.score(ctx, states).items():
-        save_scores(out / f"{split}.safetensors", per_cat)
+        save_scores(out / f"{split}.safetensors", per_cat, what=f"score@{method} ({split})")
     typer.echo(f"scored {method}")
 
 

@@ -87,7 +87,7 @@ def test_fusion_beats_both_complementary_branches(complementary):
     assert 0.0 < report["alpha"] < 1.0
     assert report["branches"] == {"clip": "zero_shot_clip", "visual": "knn"}
     # the report's fused val metric is what the returned val scores give
-    assert val_metric(truth, fused["val"], "image_auroc")[0] == pytest.approx(v["fusion"])
+    assert val_metric(truth, fused["val"], "image_auroc") == pytest.approx(v["fusion"])
     # test scores keep the clip branch's ids and order, and the fusion also helps on test
     for cat in ("alpha", "beta"):
         assert fused["test"][cat][0] == clip["test"][cat][0]
@@ -150,13 +150,53 @@ def test_config_and_missing_scores(complementary):
         fuse_scores(clip, short, truth, FusionConfig())
 
 
-def test_category_without_anomalies_is_skipped(complementary):
+def test_category_without_anomalies_stops_the_fusion(complementary):
+    """No silent skip: a category where the metric is not computable stops the choice, naming it."""
     clip, visual, truth = complementary
     ids, labels, masks = truth["beta"]
     keep = [i for i in range(len(ids)) if labels[i] == 0]
     truth = {**truth, "beta": ([ids[i] for i in keep], labels[keep], masks[keep])}
-    _, report = fuse_scores(clip, visual, truth, FusionConfig())
-    assert report["skipped_categories"] == ["beta"]
+    with pytest.raises(DataError, match=r"category beta \(only normal images\)"):
+        fuse_scores(clip, visual, truth, FusionConfig())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_stop_fusion_and_method_choice(complementary, bad):
+    """NaN / inf in one category never lets a ranking run on fewer categories: the error names method and category."""
+    clip, visual, truth = complementary
+    ids, img, m = visual["test"]["beta"]
+    img = img.clone()
+    img[3] = bad
+    broken = {**visual, "test": {**visual["test"], "beta": (ids, img, m)}}
+    with pytest.raises(DataError, match=r"^knn \(visual branch, test\): category beta has 1 NaN/inf image scores"):
+        fuse_scores(clip, broken, truth, FusionConfig())
+    ids, img, m = clip["val"]["alpha"]
+    m = m.clone()
+    m[0, 0, 0] = bad
+    cands = {"zero_shot_clip": {**clip["val"], "alpha": (ids, img, m)}, "aaclip": clip["val"]}
+    with pytest.raises(DataError, match=r"^zero_shot_clip: category alpha has 0 NaN/inf image scores and 1"):
+        select_clip_method(FusionConfig(metric="pixel_auroc"), cands, truth, ["zero_shot_clip", "aaclip"])
+
+
+def test_constant_branch_gets_zero_z_scores(complementary):
+    """A visual branch constant on val (std 0) is mapped to z = 0 on every split (no 1e-12 floor turning a test
+    deviation into 1e12): the fused scores are alpha * the clip branch's z-scores; the report names it."""
+    clip, visual, truth = complementary
+    flat = {s: dict(per) for s, per in visual.items()}
+    ids, img, m = visual["val"]["alpha"]
+    flat["val"]["alpha"] = (ids, torch.full_like(img, 5.0), torch.full_like(m, 2.0))
+    ids_t, img_t, m_t = visual["test"]["alpha"]
+    flat["test"]["alpha"] = (ids_t, 5.0 + img_t, m_t)  # varies on test: must still contribute 0
+    fused, report = fuse_scores(clip, flat, truth, FusionConfig(alphas=[0.5]))
+    assert report["constant_on_val"] == {"clip": [], "visual": ["alpha.image", "alpha.map"]}
+    z = apply_norm(clip["test"], normalise_stats(clip["val"]))["alpha"]
+    a = report["alpha"]
+    assert torch.allclose(fused["test"]["alpha"][1], a * z[1], atol=1e-5)
+    assert torch.allclose(fused["test"]["alpha"][2], a * z[2], atol=1e-5)
+    assert float(fused["test"]["alpha"][2].abs().max()) < 100
+    # float32 rounding noise around a constant counts as constant too
+    noisy = torch.full((50,), 0.1, dtype=torch.float32) + torch.tensor([0.0, 1e-8] * 25)
+    assert normalise_stats({"c": ([], noisy, noisy[None])})["c"]["image"][1] == 0.0
 
 
 def test_select_clip_method_auto(complementary):

@@ -33,9 +33,15 @@ def _build(name: str, pretrained: str | None) -> nn.Module:
     if is_local_file(pretrained):
         model = timm.create_model(name, pretrained=False)
         state = load_state_dict_file(pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if len(missing) > len(model.state_dict()) // 2:
-            raise WeightsError(f"{pretrained} does not fit timm model {name} ({len(missing)} tensors missing)")
+        missing, _ = model.load_state_dict(state, strict=False)
+        head = model.pretrained_cfg.get("classifier") or "classifier"  # unused by the features_only backbone
+        heads = (head,) if isinstance(head, str) else tuple(head)
+        missing = [k for k in missing if not any(k == h or k.startswith(h + ".") for h in heads)]
+        if missing:  # a partly loaded backbone would pass for pretrained (info.json) with random layers
+            raise WeightsError(f"{pretrained} does not fit timm model {name}: {len(missing)} of "
+                               f"{len(model.state_dict())} backbone tensors would stay unloaded ("
+                               f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); give a checkpoint "
+                               "of this architecture")
         return model
     try:  # a hub tag such as "timm/vit_small_patch14_dinov2.lvd142m" or "default"
         return timm.create_model(name if pretrained in ("default", "hub") else pretrained, pretrained=True)

@@ -52,7 +52,7 @@ def choose_method(candidates: dict[str, dict], truth: dict, metric: str, method:
     if method != "best" and method not in candidates:
         raise DataError(f"export.method={method}: no val scores for it (have {', '.join(candidates)})")
     ids = {c: list(t[0]) for c, t in truth.items()}
-    values = {m: val_metric(truth, _reorder(s, ids, m), metric, max_fpr)[0] for m, s in candidates.items()}
+    values = {m: val_metric(truth, _reorder(s, ids, m), metric, max_fpr, what=m) for m, s in candidates.items()}
     if method != "best":
         return method, values
     top = max(values.values())
@@ -140,8 +140,7 @@ def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Pa
     tcfg = build(ThresholdConfig, params["threshold"], "threshold", strict=True)
     size, seed = int(params["data"]["image_size"]), int(params["seed"])
     dirs = candidate_dirs(params["methods"], scores, fused)
-    fraction = min(params.get("holdouts", {}).values(), default=0.0)
-    truth = val_truth(selection_rows(rows, seed, float(fraction)), size)
+    truth = val_truth(selection_rows(rows, seed, params.get("holdouts", {})), size)
     val = {m: load_scores(d / "val.safetensors") for m, d in dirs.items()}
     method, val_values = choose_method(val, truth, ecfg.metric, ecfg.method)
     masks = ev.has_masks(rows)  # without masks: no pixel thresholds / metrics

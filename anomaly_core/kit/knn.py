@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from anomaly_core.config import positive
+from anomaly_core.config import Checks
 from anomaly_core.data.holdout import shot_rows
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.errors import ConfigError
@@ -50,13 +50,16 @@ class KnnConfig:
     ivf_nprobe: int = 8
 
     def validate(self, section: str) -> None:
-        positive(section, k=self.k, top_percent=self.top_percent, coreset_ratio=self.coreset_ratio, chunk=self.chunk,
-                 max_memory_mb=self.max_memory_mb, reweight_neighbors=self.reweight_neighbors,
-                 coreset_dim=self.coreset_dim, ivf_nprobe=self.ivf_nprobe)
-        if self.coreset_ratio > 1:
-            raise ConfigError(f"{section}.coreset_ratio={self.coreset_ratio}: must be in (0, 1]")
-        if self.ivf_lists < 0:
-            raise ConfigError(f"{section}.ivf_lists={self.ivf_lists}: 0 (automatic, 4 sqrt(M)) or a positive count")
+        Checks(section).positive(k=self.k, chunk=self.chunk, max_memory_mb=self.max_memory_mb,
+                                 reweight_neighbors=self.reweight_neighbors, coreset_dim=self.coreset_dim,
+                                 ivf_nprobe=self.ivf_nprobe) \
+            .open_unit(coreset_ratio=self.coreset_ratio) \
+            .that(0.0 < self.top_percent <= 100.0, "top_percent", self.top_percent, "must be in (0, 100] (a percent)") \
+            .that(self.patch_aggregate >= 1 and self.patch_aggregate % 2 == 1, "patch_aggregate",
+                  self.patch_aggregate, "an odd integer >= 1 (an even window shifts the maps by half a cell)") \
+            .non_negative(sigma=self.sigma) \
+            .that(self.ivf_lists >= 0, "ivf_lists", self.ivf_lists, "0 (automatic, 4 sqrt(M)) or a positive count") \
+            .done()
         if self.index == "faiss":
             import importlib.util
 
