@@ -50,7 +50,7 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
 
     inside = dvc_output_containing(repo, out)
     if inside:
-        typer.echo(f"error: --out {out}: inside {inside[1]}, an output of DVC stage {inside[0]} (`dvc repro` "
+        typer.echo(f"error: --out {out}: inside {inside[1]}, an output of DVC stage {inside[0]} (dvc repro "
                    "deletes it); choose another --out, e.g. sweeps", err=True)
         raise typer.Exit(2)
     try:

@@ -293,3 +293,25 @@ def test_collect_refuses_an_output_inside_a_dvc_output(tmp_path):
     res = CliRunner().invoke(app, ["collect", "--repo", str(REPO), "--from-json", str(fixture),
                                    "--out", str(tmp_path / "s")])
     assert res.exit_code == 0 and (tmp_path / "s" / "experiments.csv").is_file()
+
+
+def test_predict_caps_a_transductive_pool_with_a_memory_estimate(tiny, tmp_path):
+    """On main a MuSc bundle put every input in one pool (n x P x n floats) with no cap."""
+    import shutil
+
+    from anomaly_core.deploy.predict import pool_memory_bytes
+
+    root, rows, bundle = tiny
+    cat, images = _images(rows, root)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card["transductive"] = True  # refused before any model is loaded
+    (copy / "model.json").write_text(json.dumps(card))
+    res = CliRunner().invoke(app, ["predict", str(copy), *images[:3], "--out", str(tmp_path / "o"), "--category", cat,
+                                   "--pool-size", "2"])
+    gb = pool_memory_bytes(card, 3) / 1e9
+    assert res.exit_code == 2 and "above --pool-size 2" in res.output and f"about {gb:.1f} GB" in res.output
+    entry = card["backbone"]["visual"]
+    grid = entry.get("grid") or entry["image_size"] // 8  # the backbone's patch grid (a CNN: stride 8)
+    assert pool_memory_bytes(card, 3000) == 3000 * 3000 * grid * grid * 4
