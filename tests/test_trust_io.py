@@ -315,3 +315,39 @@ def test_predict_caps_a_transductive_pool_with_a_memory_estimate(tiny, tmp_path)
     entry = card["backbone"]["visual"]
     grid = entry.get("grid") or entry["image_size"] // 8  # the backbone's patch grid (a CNN: stride 8)
     assert pool_memory_bytes(card, 3000) == 3000 * 3000 * grid * grid * 4
+
+
+@pytest.mark.parametrize("edit", ["weights", "category", "absolute"])
+def test_a_crafted_card_cannot_name_files_outside_its_bundle(tiny, tmp_path, edit):
+    """On main a card's `weights`, member `dir` and category names were joined into paths unchecked."""
+    import shutil
+
+    root, rows, bundle = tiny
+    cat, images = _images(rows, root)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    card = json.loads((copy / "model.json").read_text())
+    if edit == "weights":
+        card["backbone"]["visual"]["weights"] = "../../outside.safetensors"
+    elif edit == "absolute":
+        card["backbone"]["visual"]["weights"] = str(bundle / "backbone_visual.safetensors")
+    else:
+        card["categories"].append("../../x")
+    (copy / "model.json").write_text(json.dumps(card))
+    res = CliRunner().invoke(app, ["predict", str(copy), images[0], "--out", str(tmp_path / "o"), "--category", cat])
+    assert res.exit_code == 2 and "refusing the bundle" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_predict_refuses_formats_the_datasets_do_not_use(tiny, tmp_path):
+    """On main any format PIL knows (GIF, WebP, ...) was scored."""
+    from PIL import Image
+
+    root, rows, bundle = tiny
+    cat, images = _images(rows, root)
+    gif = tmp_path / "a.gif"
+    Image.open(images[0]).convert("RGB").save(gif)
+    res = CliRunner().invoke(app, ["predict", str(bundle), str(gif), images[0], "--out", str(tmp_path / "o"),
+                                   "--category", cat])
+    table = list(csv.DictReader(open(tmp_path / "o" / "predictions.csv")))
+    assert "unsupported image format .gif" in table[0]["error"] and table[0]["score"] == ""
+    assert table[1]["error"] == "" and float(table[1]["score"]) > 0 and res.exit_code == 0

@@ -59,8 +59,14 @@ def _load(paths: Iterable[Path], size: int) -> tuple[list[np.ndarray | None], li
     """Decode and resize each file; a failure is its error line, never an exception."""
     from anomaly_core.features import load_resized
 
+    from anomaly_core.data.images import IMAGE_EXTENSIONS
+
     images, errors = [], []
     for p in paths:
+        if not is_image_file(p):  # only the formats the datasets use, whatever else PIL could open
+            images.append(None), errors.append(f"{Path(p).name}: unsupported image format {Path(p).suffix or '(none)'} "
+                                               f"(predict reads {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+            continue
         try:
             images.append(load_resized(str(p), size)), errors.append("")
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported on its own line
