@@ -1,6 +1,6 @@
 """`anomaly-core` command line (typer commands only; the work is in the library):
 
-    anomaly-core collect --repo . --out reports/sweep --metric image_auroc   # anomaly_core/experiments.py
+    anomaly-core collect --repo . --out sweeps --metric image_auroc   # anomaly_core/experiments.py
     anomaly-core sweep run --machine 0 --machines 2 --shots 1,2,5 --seeds 0,1,2 --git-remote origin   # sweep.py
     anomaly-core predict models/export images/ --out predictions           # deploy/predict.py
     anomaly-core export-onnx models/export                                   # deploy/onnx.py
@@ -38,7 +38,8 @@ def _root() -> None:
 
 @app.command()
 def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose experiments are collected"),
-            out: Path = typer.Option(Path("reports/sweep"), help="output directory"),
+            out: Path = typer.Option(Path("sweeps"), help="output directory (relative to the current directory; "
+                                                          "never inside a DVC output such as reports/)"),
             metric: str = typer.Option("image_auroc", help="metric plotted against shots"),
             methods: str = typer.Option("", help="comma-separated methods to keep (default: all)"),
             include_baseline: bool = typer.Option(False, help="also collect the baseline commit's results"),
@@ -46,8 +47,13 @@ def collect(repo: Path = typer.Option(Path("."), help="DVC repository whose expe
             from_json: Optional[Path] = typer.Option(None, help="parse a saved `dvc exp show --json` file")) -> None:
     """Tabulate and plot a `dvc exp run -S shots=.. -S seed=..` sweep (mean ± std over seeds)."""
     from anomaly_core.errors import DataError
-    from anomaly_core.experiments import collect_sweep, read_experiments
+    from anomaly_core.experiments import collect_sweep, dvc_output_containing, read_experiments
 
+    inside = dvc_output_containing(repo, out)
+    if inside:
+        typer.echo(f"error: --out {out}: inside {inside[1]}, an output of DVC stage {inside[0]} (dvc repro "
+                   "deletes it); choose another --out, e.g. sweeps", err=True)
+        raise typer.Exit(2)
     try:
         data = json.loads(from_json.read_text()) if from_json else read_experiments(repo, all_commits)
     except (RuntimeError, OSError, json.JSONDecodeError) as exc:
@@ -126,14 +132,19 @@ def predict(model_dir: Path = typer.Argument(..., help="an exported bundle (mode
             heatmaps: bool = typer.Option(False, help="also write an overlay PNG per image to OUT/heatmaps"),
             batch_size: int = typer.Option(16, help="images per forward pass (a transductive bundle, MuSc, scores "
                                                     "all the images of one call as one pool)"),
-            engine: str = typer.Option("torch", help="torch | onnx (after `anomaly-core export-onnx`)")) -> None:
+            engine: str = typer.Option("torch", help="torch | onnx (after `anomaly-core export-onnx`)"),
+            resume: bool = typer.Option(False, help="keep OUT/predictions.csv and score only the images not in it "
+                                                    "(after an interrupted run)"),
+            pool_size: int = typer.Option(1000, help="most images a transductive (MuSc) bundle scores as one pool "
+                                                     "(memory grows with its square)")) -> None:
     """Score images with an exported model: OUT/predictions.csv (path, category, score, is_anomalous, threshold,
-    error). Needs only the bundle: no DVC repository, no dataset, no network."""
+    error), one row per image as it is scored. Needs only the bundle: no DVC repository, no dataset, no network."""
     from anomaly_core.deploy.predict import predict_files
     from anomaly_core.errors import DataError, WeightsError
 
     try:
-        rows = predict_files(model_dir, inputs, out, category, heatmaps, batch_size, engine, progress=progress_enabled())
+        rows = predict_files(model_dir, inputs, out, category, heatmaps, batch_size, engine, progress=progress_enabled(),
+                             resume=resume, pool_size=pool_size)
     except (DataError, WeightsError, ImportError) as exc:
         _fail(exc)
     failed = [r for r in rows if r["error"]]

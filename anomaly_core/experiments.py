@@ -1,6 +1,6 @@
 """Experiment collection (`anomaly-core collect`): a `dvc exp run` sweep gathered into tables and a plot.
 
-    anomaly-core collect --repo . --out reports/sweep --metric image_auroc --methods knn,fusion
+    anomaly-core collect --repo . --out sweeps --metric image_auroc --methods knn,fusion
 
 `collect` reads the experiments of ``--repo`` through DVC's Python API (``Repo.experiments.show``, the data
 behind ``dvc exp show --json``; `dvc.api.exp_show` flattens params and metrics into one namespace, where
@@ -313,4 +313,26 @@ def collect_sweep(data: list[dict], out: str | Path, metric: str = "image_auroc"
     drawn = plot_metric(table, metric, out / f"{metric}_vs_shots.png", methods)
     return {"experiments": len(rows), "duplicates_dropped": dropped, "plotted_methods": drawn,
             "plot": str(out / f"{metric}_vs_shots.png")}
+
+
+def dvc_output_containing(repo: str | Path, out: str | Path) -> tuple[str, str] | None:
+    """(stage, output) of the `dvc.yaml` output of `repo` that `out` lies in (or holds), else None: `dvc repro`
+    deletes and restores such a directory, so collect's tables there would vanish."""
+    import yaml
+
+    repo = Path(repo).resolve()
+    spec = repo / "dvc.yaml"
+    if not spec.is_file():
+        return None
+    target = Path(out).resolve()
+    for stage, body in (yaml.safe_load(spec.read_text()) or {}).get("stages", {}).items():
+        body = body.get("do", body) if isinstance(body, dict) else {}
+        for entry in body.get("outs", []) or []:
+            name = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+            if "${" in name:
+                continue
+            path = (repo / name).resolve()
+            if target == path or path in target.parents or target in path.parents:
+                return stage, name
+    return None
 

@@ -23,19 +23,54 @@ CHECKPOINT_SCHEMA = 1
 META_KEY = "anomaly_core"
 
 
+def file_mode() -> int:
+    """The mode of a new output file: 0666 minus the umask (0644 with the usual umask 022), as `open` creates them;
+    `mkstemp`'s 0600 would make a copied bundle or metrics file unreadable by the group."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` (mode `file_mode()`) only if the block
+    succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def replace_dir(new: str | Path, dest: str | Path) -> None:
+    """Put the complete directory `new` at `dest` with no moment where `dest` is missing or partial: an atomic
+    exchange of the two names (Linux `renameat2(RENAME_EXCHANGE)`), then the old tree is deleted. Where the exchange
+    is unavailable: the old tree is renamed aside (`<dest>.old-<pid>`), `new` renamed in, the old one deleted."""
+    import ctypes
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        exchanged = libc.renameat2(-100, os.fsencode(new), -100, os.fsencode(dest), 2) == 0  # AT_FDCWD, EXCHANGE
+    except (AttributeError, OSError):
+        exchanged = False
+    if exchanged:
+        shutil.rmtree(new)  # now the old tree
+        return
+    old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+    os.rename(dest, old)
+    os.rename(new, dest)
+    shutil.rmtree(old)
 
 
 def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +20,11 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 
 def _atomic_write(path, write) -> Path:
     """Write a file atomically: `write(binary file)` to a temp file in the same directory, then ``os.replace``."""
+    from anomaly_core.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as fh:
+        write(fh)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
@@ -88,20 +87,13 @@ def stable_rng(seed: int, key: str) -> np.random.Generator:
 
 def write_manifest(rows: Iterable[Row], path: str | os.PathLike) -> None:
     """Write rows as CSV with exactly :data:`COLUMNS`; atomic (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(asdict(row))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from anomaly_core.io import atomic_path
+
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
 
 
 def _parse_int(value: str, column: str, path: Path, line: int) -> int:

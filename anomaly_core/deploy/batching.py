@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -17,29 +17,42 @@ __all__ = ["load_one", "prefetched_batches"]
 
 def load_one(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     """Decode and resize one file -> (uint8 [size, size, 3], "") or (None, its one-line error)."""
+    from anomaly_core.data.images import IMAGE_EXTENSIONS, is_image_file
     from anomaly_core.features import load_resized
 
+    if not is_image_file(path):  # only the formats the datasets use, whatever else PIL could open
+        return None, (f"{Path(path).name}: unsupported image format {Path(path).suffix or '(none)'} "
+                      f"(predict reads {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
     try:
         return load_resized(str(path), size), ""
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported on its own line
         return None, (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def prefetched_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int = 2, ahead: int = 2
-                       ) -> Iterator[tuple[int, list[Path], list[np.ndarray | None], list[str]]]:
+def prefetched_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int = 2, ahead: int = 2,
+                       skip: Callable[[list[Path]], bool] | None = None
+                       ) -> Iterator[tuple[int, list[Path], list[np.ndarray | None] | None, list[str] | None]]:
     """(start, chunk paths, images, errors) per batch of `batch_size` inputs, in order; up to `ahead` batches
-    are decoded by `workers` threads while the caller scores the current one."""
+    are decoded by `workers` threads while the caller scores the current one. A batch for which `skip(chunk)`
+    is true is not decoded: it comes as (start, chunk, None, None) (predict --resume's finished batches)."""
     starts = list(range(0, len(paths), max(1, batch_size)))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
-        pending: list[list[Future]] = []
+        pending: list[list[Future] | None] = []
 
         def submit(b: int) -> None:
             if b < len(starts):
-                pending.append([pool.submit(load_one, p, size) for p in paths[starts[b] : starts[b] + batch_size]])
+                chunk = list(paths[starts[b] : starts[b] + batch_size])
+                pending.append(None if skip is not None and skip(chunk) else
+                               [pool.submit(load_one, p, size) for p in chunk])
 
         for b in range(ahead + 1):
             submit(b)
         for b, start in enumerate(starts):
-            done = [f.result() for f in pending.pop(0)]
+            futures = pending.pop(0)
             submit(b + ahead + 1)
-            yield start, list(paths[start : start + batch_size]), [d[0] for d in done], [d[1] for d in done]
+            chunk = list(paths[start : start + batch_size])
+            if futures is None:
+                yield start, chunk, None, None
+                continue
+            done = [f.result() for f in futures]
+            yield start, chunk, [d[0] for d in done], [d[1] for d in done]

@@ -21,7 +21,8 @@ from anomaly_core.data.manifest import Row
 from anomaly_core.errors import DataError
 from anomaly_core.io import load_tensors, read_json, save_tensors
 
-__all__ = ["FORMAT", "BundleInputs", "data_hash", "save_backbone", "load_backbone", "read_card", "require_category"]
+__all__ = ["FORMAT", "BundleInputs", "data_hash", "save_backbone", "load_backbone", "read_card", "require_category",
+           "confine_card"]
 
 FORMAT = 1
 
@@ -98,7 +99,33 @@ def read_card(bundle: Path) -> dict:
         raise DataError(f"{path}: bundle format {card.get('format')}, this version reads {FORMAT}; re-export it")
     if not card.get("exported"):
         raise DataError(f"{path}: method {card.get('method')} was not exported: {card.get('reason')}")
+    confine_card(Path(bundle), card, path)
     return card
+
+
+def _inside(bundle: Path, rel: Any) -> bool:
+    """True when the relative path `rel` names something inside `bundle` (no absolute path, no `..` way out)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        return False
+    root = bundle.resolve()
+    target = (bundle / rel).resolve()
+    return target == root or root in target.parents
+
+
+def confine_card(bundle: Path, card: dict, path: Path) -> None:
+    """A card's file names stay inside its bundle: category names are plain names (they become file names),
+    backbone `weights` and fusion member `dir` resolve inside the folder. A crafted card is refused in one line."""
+    for cat in card.get("categories", []):
+        if not isinstance(cat, str) or not cat or cat.startswith(".") or any(c in cat for c in "/\\\0"):
+            raise DataError(f"{path}: category name {cat!r} is not a plain file name; refusing the bundle")
+    for branch, entry in (card.get("backbone") or {}).items():
+        if not _inside(bundle, (entry or {}).get("weights")):
+            raise DataError(f"{path}: backbone.{branch}.weights={(entry or {}).get('weights')!r} is outside the "
+                            "bundle folder; refusing the bundle")
+    for branch, member in (card.get("members") or {}).items():
+        if not _inside(bundle, (member or {}).get("dir")) or (bundle / member["dir"]).resolve() == bundle.resolve():
+            raise DataError(f"{path}: members.{branch}.dir={(member or {}).get('dir')!r} is outside the bundle "
+                            "folder; refusing the bundle")
 
 
 def require_category(card: dict, category: str) -> None:

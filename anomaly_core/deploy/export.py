@@ -7,10 +7,11 @@ chooses alpha on); test rows are only measured.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -23,11 +24,12 @@ from anomaly_core.deploy.engines import deploy_module
 from anomaly_core.deploy.thresholds import ThresholdConfig, category_thresholds, threshold_metrics
 from anomaly_core.errors import DataError
 from anomaly_core.fusion import val_truth
-from anomaly_core.io import jsonable, read_json, write_json
+from anomaly_core.io import jsonable, read_json, replace_dir, write_json
 from anomaly_core.store import load_scores
 
 __all__ = ["ExportConfig", "choose_method", "candidate_dirs", "thresholds_for", "test_threshold_metrics",
-           "export_experiment", "write_bundle", "write_fusion_bundle"]
+           "export_experiment", "write_bundle", "write_fusion_bundle",
+           "install_bundle", "remove_stale_temporaries"]
 
 Metric = Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "mean"]
 
@@ -165,16 +167,42 @@ def export_experiment(params: dict[str, Any], rows: Sequence[mf.Row], scores: Pa
             "map_range": {c: [float(np.percentile(val[method][c][2].numpy(), 1)),
                               float(np.percentile(val[method][c][2].numpy(), 99.9))] for c in thresholds}}
     card = jsonable(card, 10)
+    return install_bundle(out, lambda tmp: write_bundle(tmp, method, params, rows, features, models, fused, card))
+
+
+def install_bundle(out: Path, write: Callable[[Path], dict]) -> dict:
+    """`write(dir)` the bundle into `<out>.tmp-<pid>`, then swap the complete directory in for `out`
+    (`io.replace_dir`): at every instant `out` is the old complete bundle or the new one. Returns `write`'s card."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temporaries(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        card = write_bundle(tmp, method, params, rows, features, models, fused, card)
+        card = write(tmp)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return card
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete `<out>.tmp-<pid>` / `<out>.old-<pid>` trees left by an export that was killed (their process is gone);
+    returns them. A live process's temporaries are left alone."""
+    gone = []
+    for p in Path(out).parent.glob(f"{Path(out).name}.*-*"):
+        kind, _, pid = p.name[len(Path(out).name) + 1:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0

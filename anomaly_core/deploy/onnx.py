@@ -16,6 +16,7 @@ import torch
 from anomaly_core.deploy.bundle import read_card
 from anomaly_core.deploy.engines import deploy_module, load_predictor
 from anomaly_core.errors import DataError
+from anomaly_core.io import atomic_path
 
 __all__ = ["export_bundle", "OnnxPredictor", "onnx_path"]
 
@@ -36,7 +37,7 @@ def graph_factory(bundle: Path, card: dict, what: str):
 def export_bundle(bundle: str | Path, check: bool = True) -> list[str]:
     """Write `model_<category>.onnx` for every category of a bundle whose method has an ONNX graph; with `check`,
     compare onnxruntime with the PyTorch engine on a random image. Returns one report line per category."""
-    import onnx  # noqa: F401 - the exporter needs it; a clear ImportError otherwise
+    import onnx  # the exporter needs it; a clear ImportError otherwise
 
     bundle = Path(bundle)
     card = read_card(bundle)
@@ -47,10 +48,12 @@ def export_bundle(bundle: str | Path, check: bool = True) -> list[str]:
         graph = factory(engine, cat).eval()
         example = torch.rand(1, engine.image_size, engine.image_size, 3) * 255
         path = onnx_path(bundle, cat)
-        with torch.no_grad():
-            torch.onnx.export(graph, (example,), str(path), input_names=["images"], output_names=["score", "map"],
-                              dynamic_axes={"images": {0: "batch"}, "score": {0: "batch"}, "map": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+        with atomic_path(path, ".tmp") as tmp:  # a killed export leaves a hidden temporary, never a truncated graph
+            with torch.no_grad():
+                torch.onnx.export(graph, (example,), str(tmp), input_names=["images"], output_names=["score", "map"],
+                                  dynamic_axes={"images": {0: "batch"}, "score": {0: "batch"}, "map": {0: "batch"}},
+                                  opset_version=17, dynamo=False)
+            onnx.checker.check_model(str(tmp))  # complete and well-formed before it takes the model's name
         line = f"{path} ({path.stat().st_size / 1e6:.1f} MB)"
         if check:
             with torch.no_grad():
@@ -83,7 +86,12 @@ class OnnxPredictor:
             path = onnx_path(self.bundle, category)
             if not path.is_file():
                 raise DataError(f"{path}: missing; run `anomaly-core export-onnx {self.bundle}` first")
-            self._sessions = {category: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])}
+            try:
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a truncated graph
+                raise DataError(f"{path}: not a loadable ONNX graph ({str(exc).splitlines()[0][:120]}); "
+                                f"re-run `anomaly-core export-onnx {self.bundle}`") from exc
+            self._sessions = {category: session}
         return self._sessions[category]
 
     def __call__(self, images: torch.Tensor, category: str, paths=None) -> tuple[torch.Tensor, torch.Tensor]:
