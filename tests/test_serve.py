@@ -131,6 +131,8 @@ def test_bad_inputs_get_a_4xx_naming_the_problem_and_the_server_stays_healthy(bu
         assert r.status_code == 422 and "heatmap" in r.json()["error"]
         assert c.get("/health").status_code == 200
         assert c.post("/predict", params={"category": cat}, content=good).status_code == 200
+        r = c.post("/predict", params={"category": cat}, content=b"", headers={"x-request-id": "proxy-42"})
+        assert r.json()["request_id"] == "proxy-42" == r.headers["x-request-id"]  # a reverse proxy's id is kept
 
 
 def test_internal_failure_is_a_500_with_the_request_id_in_the_log(bundle, caplog):

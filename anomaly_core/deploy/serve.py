@@ -19,6 +19,7 @@ import hmac
 import io
 import logging
 import math
+import re
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ from anomaly_core.errors import DataError
 __all__ = ["ServeConfig", "LoadedModel", "BadInput", "create_app", "decode_upload", "ACCEPTED_FORMATS"]
 
 log = logging.getLogger("anomaly_core.serve")
+_RID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # what the dataset readers accept (data.images.IMAGE_EXTENSIONS)
 
@@ -293,7 +295,8 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
 
     @app.middleware("http")
     async def request_id_and_auth(request: Request, call_next):
-        rid = uuid.uuid4().hex[:16]
+        given = request.headers.get("x-request-id", "")  # a reverse proxy's id, kept so both logs share it
+        rid = given if _RID.fullmatch(given) else uuid.uuid4().hex[:16]
         request.state.rid = rid
         if cfg.token is not None and request.url.path != "/health":
             auth = request.headers.get("authorization", "")
