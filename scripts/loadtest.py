@@ -4,7 +4,7 @@
 
 1. predict: `deploy.predict.predict_files` over the images (batch 16), model load excluded (a 1-image call is
    timed first and subtracted) -> images/s.
-2. serve: `anomaly-core serve BUNDLE` in a subprocess on 127.0.0.1 (a free port), a 16-request warm-up, then
+2. serve: `anomaly-core serve BUNDLE` in a subprocess on 127.0.0.1 (a free port), a warm-up (each client 4 requests), then
    CLIENTS threads post the images (raw bytes, `?category=` from the folder) until REQUESTS good requests and BAD
    bad uploads (corrupt, empty, GIF, too many pixels, cycled, spread evenly) are sent or TIME_LIMIT passes.
    Reported: good requests/s, p50/p95/p99 latency, errors (a good request not 200, a bad one not 4xx), the
@@ -90,6 +90,9 @@ def main() -> None:
     import httpx
 
     from anomaly_core.deploy.bundle import read_card
+    from anomaly_core.runtime import setup_environment
+
+    setup_environment()  # what the CLI does first (malloc tuning), so predict here runs as `anomaly-core predict`
 
     card = read_card(args.bundle)
     items = demo_images(args.images, card["categories"])
@@ -118,10 +121,18 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit(f"error: the server exited: {(tmp / 'serve.log').read_text()[-2000:]}")
         payload = {p: p.read_bytes() for _, p in items}
-        with httpx.Client(base_url=base, timeout=60) as h:
-            for i in range(16):
-                c, p = items[i % len(items)]
-                h.post("/predict", params={"category": c}, content=payload[p], headers={"content-type": "image/png"})
+        def warm(k):  # concurrent, so the start RSS already holds full micro-batches' buffers
+            with httpx.Client(base_url=base, timeout=60) as h:
+                for i in range(4):
+                    c, p = items[(4 * k + i) % len(items)]
+                    h.post("/predict", params={"category": c}, content=payload[p],
+                           headers={"content-type": "image/png"})
+
+        warmers = [threading.Thread(target=warm, args=(k,)) for k in range(args.clients)]
+        for t in warmers:
+            t.start()
+        for t in warmers:
+            t.join()
         rss = {"start": rss_mb(server.pid), "peak": rss_mb(server.pid)}
         stop = threading.Event()
 
