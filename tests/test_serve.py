@@ -231,6 +231,13 @@ def test_uvicorn_on_loopback_reload_under_concurrent_requests_drops_none(bundle,
         assert health["batches"] < 72  # concurrent requests shared forward passes
         model = httpx.get(base + "/model", headers=auth).json()
         assert model["bundle"] == str(other)
+        proc.send_signal(__import__("signal").SIGHUP)  # reload the same directory
+        for _ in range(100):
+            time.sleep(0.2)
+            again = httpx.get(base + "/model", headers=auth).json()
+            if again["loaded_at"] > model["loaded_at"]:
+                break
+        assert again["loaded_at"] > model["loaded_at"] and again["bundle"] == str(other)
     finally:
         proc.terminate()
         proc.wait(timeout=20)

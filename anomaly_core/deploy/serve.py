@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -282,6 +283,19 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     async def lifespan(app):
         scorer.start()
         inflight["sem"] = asyncio.Semaphore(cfg.max_inflight)
+        loop = asyncio.get_running_loop()
+
+        async def reload_same():  # SIGHUP: reload the serving directory (e.g. after `dvc repro export`)
+            try:
+                new = await scorer.reload(scorer.model.bundle)
+                log.info("SIGHUP: reloaded %s", new.bundle)
+            except (DataError, OSError) as exc:
+                log.warning("SIGHUP: reload refused, still serving the old model: %s", str(exc).splitlines()[0])
+
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_same()))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no SIGHUP
+            pass
         log.info("serving %s (method %s, categories %s)", scorer.model.bundle, scorer.model.card.get("method"),
                  ", ".join(scorer.model.card["categories"]))
         yield
