@@ -4,6 +4,7 @@
     anomaly-core sweep run --machine 0 --machines 2 --shots 1,2,5 --seeds 0,1,2 --git-remote origin   # sweep.py
     anomaly-core predict models/export images/ --out predictions           # deploy/predict.py
     anomaly-core export-onnx models/export                                   # deploy/onnx.py
+    anomaly-core serve models/export --port 8000                             # deploy/serve.py
 """
 from __future__ import annotations
 
@@ -171,6 +172,48 @@ def export_onnx(model_dir: Path = typer.Argument(..., help="an exported kNN bund
             typer.echo(line)
     except (DataError, ImportError) as exc:
         _fail(exc)
+
+
+@app.command()
+def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models/export)"),
+          host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default; see README: reverse proxy)"),
+          port: int = typer.Option(8000, help="TCP port"),
+          token_file: Optional[Path] = typer.Option(None, help="file holding a bearer token every request but "
+                                                               "/health must send (Authorization: Bearer ...)"),
+          max_bytes: int = typer.Option(20_000_000, help="largest accepted upload per image, bytes"),
+          max_pixels: int = typer.Option(40_000_000, help="largest accepted image, width x height"),
+          max_images: int = typer.Option(32, help="most images per request"),
+          batch_wait_ms: float = typer.Option(5.0, help="micro-batching window: concurrent requests arriving in it "
+                                                        "share one forward pass"),
+          max_batch: int = typer.Option(16, help="most images per forward pass"),
+          max_inflight: int = typer.Option(64, help="requests read and scored at once (bounds memory)")) -> None:
+    """Serve a bundle over HTTP: POST /predict, GET /health, GET /model, POST /reload, GET / (upload form)."""
+    import logging
+
+    from anomaly_core.errors import DataError, WeightsError
+
+    try:
+        from anomaly_core.deploy.serve import ServeConfig, create_app
+        import uvicorn
+    except ImportError as exc:
+        _fail(ImportError(f"{exc}; install the extra: pip install 'anomaly_core[serve]'"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = None
+        if token_file is not None:
+            if not token_file.is_file():
+                raise DataError(f"--token-file {token_file}: no such file")
+            token = token_file.read_text().strip()
+            if not token:
+                raise DataError(f"--token-file {token_file}: empty")
+        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token)
+        app_ = create_app(model_dir, cfg)
+    except (DataError, WeightsError) as exc:
+        _fail(exc)
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        typer.echo(f"warning: serving on {host} without --token-file: anyone who reaches it can score and reload",
+                   err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
 
 
 if __name__ == "__main__":

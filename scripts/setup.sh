@@ -8,4 +8,4 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # The CPU-usable torch/torchvision pair for these machines (torch>=2.14 is what pyproject declares).
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[dev,onnx,faiss]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,onnx,faiss,serve]"
