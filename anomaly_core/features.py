@@ -13,9 +13,10 @@ from anomaly_core.backbones import preprocess
 from anomaly_core.data.images import load_image
 
 
-def load_resized(path: str, size: int) -> np.ndarray:
-    """Read an image as RGB and resize it to [size, size, 3] uint8 (PIL bicubic, the CLIP convention)."""
-    img = load_image(path)
+def load_resized(path: str, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as RGB (EXIF-oriented, at most `max_pixels`) and resize it to [size, size, 3] uint8 (PIL
+    bicubic, the CLIP convention)."""
+    img = load_image(path, max_pixels)
     if img.shape[:2] != (size, size):
         img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
     return img

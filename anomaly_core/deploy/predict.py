@@ -117,7 +117,8 @@ def _parsed(row: dict) -> dict:
 
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, category: str | None = None,
                   heatmaps: bool = False, batch_size: int = 16, engine: str = "torch",
-                  progress: bool = True, resume: bool = False, pool_size: int = 1000) -> list[dict]:
+                  progress: bool = True, resume: bool = False, pool_size: int = 1000,
+                  max_pixels: int = 40_000_000) -> list[dict]:
     """Score every image of `inputs` with the bundle; writes `out/predictions.csv` (CSV_COLUMNS; an unreadable
     file gets its error and empty score) and, with `heatmaps`, `out/heatmaps/<n>_<stem>.png`. Returns the rows.
 
@@ -138,6 +139,8 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
         raise DataError(f"--batch-size {batch_size}: must be >= 1")
     if pool_size < 2:
         raise DataError(f"--pool-size {pool_size}: must be >= 2")
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels {max_pixels}: must be >= 1")
     card = read_card(bundle)
     cat = resolve_category(card, category)
     threshold = image_threshold(card, cat)
@@ -176,7 +179,8 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
             writer.writeheader()
             fh.flush()
         skip = (lambda chunk: all(str(p) in done for p in chunk)) if done else None
-        for start, chunk, images, errors in prefetched_batches(paths, model.image_size, batch_size, skip=skip):
+        for start, chunk, images, errors in prefetched_batches(paths, model.image_size, batch_size, skip=skip,
+                                                                   max_pixels=max_pixels):
             if images is None:  # every image of the batch is in the resumed CSV
                 bar.update(len(chunk))
                 continue
