@@ -91,3 +91,26 @@ def test_one_16_bit_rule_divides_by_65535(tmp_path):
     np.testing.assert_array_equal(got[:, :, 0], got[:, :, 2])
     d = load_image(dark)[:, :, 0]
     assert d[0, 0] == 0 and d[1, 0] == expected[1, 0] == 1  # 200/65535*255 -> 1, as in the bright image
+
+
+def test_symlinked_sub_folders_are_followed_by_predict_and_the_readers_alike(tmp_path):
+    """On main `expand_inputs` (rglob) silently skipped a symlinked sub-folder that the dataset readers follow."""
+    from anomaly_core.data.readers import _list_images, _subdirs  # the dataset readers' folder listings
+    from anomaly_core.deploy.predict import expand_inputs
+
+    real = tmp_path / "elsewhere" / "batch2"
+    real.mkdir(parents=True)
+    top = tmp_path / "inputs"
+    (top / "batch1").mkdir(parents=True)
+    for d, n in ((top / "batch1", "a.png"), (real, "b.png")):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / n)
+    (top / "batch2").symlink_to(real, target_is_directory=True)
+    (top / "batch1" / "c.png").symlink_to(real / "b.png")
+    got = [p.relative_to(top).as_posix() for p in expand_inputs([top])]
+    assert got == ["batch1/a.png", "batch1/c.png", "batch2/b.png"]
+    assert [p.name for p in _subdirs(top)] == ["batch1", "batch2"]  # the readers follow the same links
+    assert [p.name for p in _list_images(top / "batch2")] == ["b.png"]
+    assert [p.name for p in _list_images(top / "batch1")] == ["a.png", "c.png"]
+    (top / "batch1" / "loop").symlink_to(top, target_is_directory=True)
+    with pytest.raises(DataError, match="symlink loop"):
+        expand_inputs([top])

@@ -28,13 +28,29 @@ __all__ = ["load_predictor", "expand_inputs", "resolve_category", "predict_files
 CSV_COLUMNS = ("path", "category", "score", "is_anomalous", "threshold", "error")
 
 
+def _walk(top: Path) -> list[Path]:
+    """Every file under `top`, following symlinked directories; a loop (a link to an ancestor) is refused."""
+    import os
+
+    files: list[Path] = []
+    for d, dirs, names in os.walk(top, followlinks=True):
+        real = Path(d).resolve()
+        for sub in dirs:
+            if Path(d, sub).is_symlink() and (real == Path(d, sub).resolve()
+                                              or real.is_relative_to(Path(d, sub).resolve())):
+                raise DataError(f"{Path(d, sub)}: symlink loop (it points to {Path(d, sub).resolve()}, an ancestor)")
+        files += [Path(d, n) for n in names if Path(d, n).is_file()]
+    return files
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given (whatever their suffix: an unreadable one is reported, not skipped) and the image files
-    under given directories (recursively, sorted). A missing path is a DataError naming it."""
+    under given directories (recursively, sorted). Symlinked sub-folders and files are followed, as the dataset
+    readers do (a link back to an ancestor is a DataError naming it). A missing path is a DataError naming it."""
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            out += sorted(p for p in _walk(item) if is_image_file(p))
         elif item.exists():
             out.append(item)
         else:
