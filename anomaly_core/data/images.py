@@ -57,6 +57,8 @@ def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> 
             im.load()
             im = ImageOps.exif_transpose(im) or im
             return im.copy() if im.mode != "P" else im.convert("RGBA" if "transparency" in im.info else "RGB")
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"cannot read {what} {path}: file does not exist") from None
     except _PIL_ERRORS as exc:
@@ -132,13 +134,13 @@ def load_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None) -> n
     return mask
 
 
-def decode_size(path: str | os.PathLike) -> tuple[int, int]:
+def decode_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(H, W) of an image after decoding every pixel (PIL `load()`): a truncated file fails here.
 
     Raises:
         DataError: ``"cannot read image {path}: ..."``.
     """
-    return _dims(path, decode=True)
+    return _dims(path, decode=True, max_pixels=max_pixels)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -146,15 +148,18 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return _dims(path, decode=False)
 
 
-def _dims(path: str | os.PathLike, decode: bool) -> tuple[int, int]:
+def _dims(path: str | os.PathLike, decode: bool, max_pixels: int | None = None) -> tuple[int, int]:
     """(H, W) from the header, after decoding every pixel when `decode`; one DataError naming the file."""
     try:
         with Image.open(path) as im:
             if decode:
+                _check_pixels(path, im, max_pixels)
                 im.load()
             w, h = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation that swaps width and height
                 w, h = h, w
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"cannot read image {path}: file does not exist") from None
     except _PIL_ERRORS as exc:
