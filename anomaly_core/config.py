@@ -243,6 +243,7 @@ class DataConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
     on_one_class: Literal["error", "skip"] = "error"  # a category whose test/val split lacks a class
+    max_pixels: int = 40_000_000  # an image above this many pixels (header WxH) is refused by prepare
 
     def validate(self, section: str) -> None:
         c = Checks(section)
@@ -251,7 +252,7 @@ class DataConfig:
         else:
             c.that(bool(self.categories), "categories", self.categories, "a non-empty list of names or 'all'")
         c.that(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "must be in (0, 1)")
-        c.positive(image_size=self.image_size).done()
+        c.positive(image_size=self.image_size, max_pixels=self.max_pixels).done()
 
 
 @dataclass

@@ -13,23 +13,25 @@ from anomaly_core.backbones import preprocess
 from anomaly_core.data.images import load_image
 
 
-def load_resized(path: str, size: int) -> np.ndarray:
-    """Read an image as RGB and resize it to [size, size, 3] uint8 (PIL bicubic, the CLIP convention)."""
-    img = load_image(path)
+def load_resized(path: str, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as RGB (EXIF-oriented, at most `max_pixels`) and resize it to [size, size, 3] uint8 (PIL
+    bicubic, the CLIP convention)."""
+    img = load_image(path, max_pixels)
     if img.shape[:2] != (size, size):
         img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
     return img
 
 
-def load_batch(paths: Sequence[str], size: int) -> torch.Tensor:
+def load_batch(paths: Sequence[str], size: int, max_pixels: int | None = None) -> torch.Tensor:
     """Decode and resize images -> uint8 [N, size, size, 3] (the features stage's, predict's and AA-CLIP's reader)."""
-    return torch.from_numpy(np.stack([load_resized(str(p), size) for p in paths]))
+    return torch.from_numpy(np.stack([load_resized(str(p), size, max_pixels) for p in paths]))
 
 
 def iter_batches(paths: Sequence[str], size: int, batch_size: int) -> Iterator[torch.Tensor]:
     """Yield uint8 batches [B, size, size, 3]; decoding runs one batch ahead in a thread."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    load = lambda chunk: load_batch(chunk, size)  # noqa: E731
+    # the pipeline's rows passed `prepare`, which enforced data.max_pixels on every image: no second limit here
+    load = lambda chunk: load_batch(chunk, size, max_pixels=2**62)  # noqa: E731
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None

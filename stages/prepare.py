@@ -47,7 +47,7 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
     shots, seed, task = shots_value(get(params, "shots")), int(get(params, "seed")), get(params, "task")
     rows = read_rows(cfg, demo_root, seed)
     start = time.perf_counter()
-    warnings, results = checks.check_files(rows)
+    warnings, results = checks.check_files(rows, max_pixels=cfg.max_pixels)
     typer.echo(f"inputs: {len(rows)} images decoded and masks checked in {time.perf_counter() - start:.2f}s "
                f"({checks.default_workers()} threads)")
     anomaly = task == "anomaly" and cfg.format != "imagefolder"

@@ -240,3 +240,17 @@ def test_friendly_errors_one_line_and_traceback_only_in_debug(monkeypatch, capsy
     with pytest.raises(SystemExit):
         wrapped()
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_prepare_refuses_an_image_above_data_max_pixels(tmp_path: Path, tree: Path):
+    """Issue 17: on main no pixel limit (Pillow only warns); the stage error names the file and its size."""
+    from PIL import Image
+
+    img = tree / "alpha" / "train" / "good" / "000.png"
+    w, h = Image.open(img).size
+    Image.open(img).resize((2 * w, 2 * h)).save(img)
+    res = run_prepare(tmp_path, tree, **{"data.max_pixels": 2 * w * h})
+    assert_fails_in_prepare(res, tmp_path, f"image {img.relative_to(tmp_path)} is {2 * w}x{2 * h} (WxH) = "
+                                           f"{4 * w * h:,} pixels, above the limit of {2 * w * h:,}")
+    assert_fails_in_prepare(run_prepare(tmp_path, tree, **{"data.max_pixels": 0}), tmp_path,
+                            "data.max_pixels=0: must be > 0", stage="validate")

@@ -37,9 +37,9 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _check_row(row: Row) -> FileCheck:
+def _check_row(row: Row, max_pixels: int | None = None) -> FileCheck:
     try:
-        hw = decode_size(row.image)
+        hw = decode_size(row.image, max_pixels)
     except DataError as exc:
         return FileCheck(error=str(exc))
     if not row.mask:
@@ -55,7 +55,7 @@ def _check_row(row: Row) -> FileCheck:
     return FileCheck(mask_pixels=pixels)
 
 
-def check_files(rows: Sequence[Row], workers: int | None = None) -> tuple[list[str], list[FileCheck]]:
+def check_files(rows: Sequence[Row], workers: int | None = None, max_pixels: int | None = None) -> tuple[list[str], list[FileCheck]]:
     """Decode every image and mask of `rows` in `workers` threads (PIL releases the GIL while decoding).
 
     Returns:
@@ -65,10 +65,10 @@ def check_files(rows: Sequence[Row], workers: int | None = None) -> tuple[list[s
     """
     workers = workers or default_workers()
     if workers == 1:
-        results = [_check_row(r) for r in rows]
+        results = [_check_row(r, max_pixels) for r in rows]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_row, rows, chunksize=8))
+            results = list(pool.map(lambda r: _check_row(r, max_pixels), rows, chunksize=8))
     errors = [c.error for c in results if c.error]
     if errors:
         more = f"\n... and {len(errors) - MAX_LISTED} more unreadable files" if len(errors) > MAX_LISTED else ""

@@ -15,7 +15,7 @@ import numpy as np
 __all__ = ["load_one", "prefetched_batches"]
 
 
-def load_one(path: Path, size: int) -> tuple[np.ndarray | None, str]:
+def load_one(path: Path, size: int, max_pixels: int | None = None) -> tuple[np.ndarray | None, str]:
     """Decode and resize one file -> (uint8 [size, size, 3], "") or (None, its one-line error)."""
     from anomaly_core.data.images import IMAGE_EXTENSIONS, is_image_file
     from anomaly_core.features import load_resized
@@ -24,13 +24,13 @@ def load_one(path: Path, size: int) -> tuple[np.ndarray | None, str]:
         return None, (f"{Path(path).name}: unsupported image format {Path(path).suffix or '(none)'} "
                       f"(predict reads {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
     try:
-        return load_resized(str(path), size), ""
+        return load_resized(str(path), size, max_pixels), ""
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported on its own line
         return None, (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def prefetched_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int = 2, ahead: int = 2,
-                       skip: Callable[[list[Path]], bool] | None = None
+                       skip: Callable[[list[Path]], bool] | None = None, max_pixels: int | None = None
                        ) -> Iterator[tuple[int, list[Path], list[np.ndarray | None] | None, list[str] | None]]:
     """(start, chunk paths, images, errors) per batch of `batch_size` inputs, in order; up to `ahead` batches
     are decoded by `workers` threads while the caller scores the current one. A batch for which `skip(chunk)`
@@ -43,7 +43,7 @@ def prefetched_batches(paths: Sequence[Path], size: int, batch_size: int, worker
             if b < len(starts):
                 chunk = list(paths[starts[b] : starts[b] + batch_size])
                 pending.append(None if skip is not None and skip(chunk) else
-                               [pool.submit(load_one, p, size) for p in chunk])
+                               [pool.submit(load_one, p, size, max_pixels) for p in chunk])
 
         for b in range(ahead + 1):
             submit(b)

@@ -28,13 +28,29 @@ __all__ = ["load_predictor", "expand_inputs", "resolve_category", "predict_files
 CSV_COLUMNS = ("path", "category", "score", "is_anomalous", "threshold", "error")
 
 
+def _walk(top: Path) -> list[Path]:
+    """Every file under `top`, following symlinked directories; a loop (a link to an ancestor) is refused."""
+    import os
+
+    files: list[Path] = []
+    for d, dirs, names in os.walk(top, followlinks=True):
+        real = Path(d).resolve()
+        for sub in dirs:
+            if Path(d, sub).is_symlink() and (real == Path(d, sub).resolve()
+                                              or real.is_relative_to(Path(d, sub).resolve())):
+                raise DataError(f"{Path(d, sub)}: symlink loop (it points to {Path(d, sub).resolve()}, an ancestor)")
+        files += [Path(d, n) for n in names if Path(d, n).is_file()]
+    return files
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given (whatever their suffix: an unreadable one is reported, not skipped) and the image files
-    under given directories (recursively, sorted). A missing path is a DataError naming it."""
+    under given directories (recursively, sorted). Symlinked sub-folders and files are followed, as the dataset
+    readers do (a link back to an ancestor is a DataError naming it). A missing path is a DataError naming it."""
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            out += sorted(p for p in _walk(item) if is_image_file(p))
         elif item.exists():
             out.append(item)
         else:
@@ -117,7 +133,8 @@ def _parsed(row: dict) -> dict:
 
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, category: str | None = None,
                   heatmaps: bool = False, batch_size: int = 16, engine: str = "torch",
-                  progress: bool = True, resume: bool = False, pool_size: int = 1000) -> list[dict]:
+                  progress: bool = True, resume: bool = False, pool_size: int = 1000,
+                  max_pixels: int = 40_000_000) -> list[dict]:
     """Score every image of `inputs` with the bundle; writes `out/predictions.csv` (CSV_COLUMNS; an unreadable
     file gets its error and empty score) and, with `heatmaps`, `out/heatmaps/<n>_<stem>.png`. Returns the rows.
 
@@ -138,6 +155,8 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
         raise DataError(f"--batch-size {batch_size}: must be >= 1")
     if pool_size < 2:
         raise DataError(f"--pool-size {pool_size}: must be >= 2")
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels {max_pixels}: must be >= 1")
     card = read_card(bundle)
     cat = resolve_category(card, category)
     threshold = image_threshold(card, cat)
@@ -176,7 +195,8 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
             writer.writeheader()
             fh.flush()
         skip = (lambda chunk: all(str(p) in done for p in chunk)) if done else None
-        for start, chunk, images, errors in prefetched_batches(paths, model.image_size, batch_size, skip=skip):
+        for start, chunk, images, errors in prefetched_batches(paths, model.image_size, batch_size, skip=skip,
+                                                                   max_pixels=max_pixels):
             if images is None:  # every image of the batch is in the resumed CSV
                 bar.update(len(chunk))
                 continue
