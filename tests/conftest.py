@@ -81,16 +81,17 @@ def make_mvtec_tree(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def make_visa_tree(root: Path, seed: int = 0) -> Path:
-    """Build the VisA-layout tree (with ``split_csv/1cls.csv``) under ``root``."""
+def make_visa_tree(root: Path, seed: int = 0, n_normal: int = 7, n_anomaly: int = 3) -> Path:
+    """Build the VisA-layout tree (with ``split_csv/1cls.csv``) under ``root``: per object `n_normal` normal
+    images (5 train, the rest test) and `n_anomaly` anomalies (test)."""
     rng = np.random.default_rng(seed)
     records = []
     for kind, obj in enumerate(VISA_OBJECTS):
-        for i in range(7):
+        for i in range(n_normal):
             rel = f"{obj}/Data/Images/Normal/{i:04d}.JPG"
             _save(_background(rng, kind), root / rel)
             records.append((obj, "train" if i < 5 else "test", "normal", rel, ""))
-        for i in range(3):
+        for i in range(n_anomaly):
             rel = f"{obj}/Data/Images/Anomaly/{i:03d}.JPG"
             mask_rel = f"{obj}/Data/Masks/Anomaly/{i:03d}.png"
             img, mask = _defect_image(rng, kind, "anomaly")
