@@ -94,20 +94,27 @@ def tiny_knn_run(root: Path):
     return rows, store, cfg, knn_scores(store, rows, cfg, SIZE, 0)
 
 
-@pytest.fixture(scope="module")
-def knn_bundle(tmp_path_factory):
+def write_tiny_knn_bundle(root: Path):
+    """tiny_knn_run under `root`, then its kNN bundle in `root/bundle` (image thresholds: the val medians)
+    -> (rows, scores)."""
     from dataclasses import asdict
 
     from anomaly_core.deploy.bundle import BundleInputs
     from anomaly_core.deploy.engines import deploy_module
 
-    root = tmp_path_factory.mktemp("knn")
     rows, store, cfg, scores = tiny_knn_run(root)
     thresholds = {c: {"image": float(img.median()), "pixel": None} for c, (_, img, _) in scores["val"].items()}
     params = {"data": {"image_size": SIZE}, "seed": 0, "features": {"dtype": "float16"},
               "backbones": {"visual": BACKBONE}, "score": {"knn": {"knn": asdict(cfg)}}}
     inputs = BundleInputs(rows=rows, features=store.root, models=root / "models" / "knn", params=params, method="knn")
     deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": thresholds})
+    return rows, scores
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("knn")
+    rows, scores = write_tiny_knn_bundle(root)
     return root, rows, scores
 
 

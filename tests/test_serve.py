@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from test_export import tiny_knn_run  # noqa: E402  (the tiny kNN pipeline run test_export builds its bundle from)
+from test_export import write_tiny_knn_bundle  # noqa: E402  (test_export's tiny kNN bundle)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,20 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """(bundle dir, {category: [image paths]}, {category: predict's scores}) of a tiny kNN bundle."""
-    from dataclasses import asdict
-
-    from anomaly_core.deploy.bundle import BundleInputs
-    from anomaly_core.deploy.engines import deploy_module
     from anomaly_core.deploy.predict import predict_files
-    from test_export import BACKBONE, SIZE
 
     root = tmp_path_factory.mktemp("serve")
-    rows, store, cfg, scores = tiny_knn_run(root)
-    thresholds = {c: {"image": float(img.median()), "pixel": None} for c, (_, img, _) in scores["val"].items()}
-    params = {"data": {"image_size": SIZE}, "seed": 0, "features": {"dtype": "float16"},
-              "backbones": {"visual": BACKBONE}, "score": {"knn": {"knn": asdict(cfg)}}}
-    inputs = BundleInputs(rows=rows, features=store.root, models=root / "models" / "knn", params=params, method="knn")
-    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": thresholds})
+    rows, scores = write_tiny_knn_bundle(root)
     by_id = {r.id: r for r in rows}
     images = {c: [by_id[i].image for i in ids] for c, (ids, _, _) in scores["test"].items()}
     predicted = {c: [r["score"] for r in predict_files(root / "bundle", p, root / f"pred_{c}", category=c,
