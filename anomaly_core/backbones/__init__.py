@@ -34,12 +34,16 @@ def resolve_name(name: str, key: str = "backbone") -> tuple[str, str]:
     return "timm", name
 
 
-def create_backbone(name: str, pretrained: str | None, levels: Sequence[int], image_size: int | None = None):
-    """Build a frozen backbone in eval mode. See the module docstring for how `name` is resolved."""
+def create_backbone(name: str, pretrained: str | None, levels: Sequence[int], image_size: int | None = None,
+                    allow_partial_weights: bool = False):
+    """Build a frozen backbone in eval mode. See the module docstring for how `name` is resolved.
+
+    A local weights file that leaves backbone tensors unloaded is a WeightsError unless `allow_partial_weights`;
+    the backbone's `missing_tensors` lists them (they keep a seeded random initialisation)."""
     family, model = resolve_name(name)
     if family == "open_clip":
-        return ClipBackbone(model, pretrained, levels, image_size)
-    return TimmBackbone(model, pretrained, levels, image_size or 224)
+        return ClipBackbone(model, pretrained, levels, image_size, allow_partial_weights)
+    return TimmBackbone(model, pretrained, levels, image_size or 224, allow_partial_weights)
 
 
 def check_backbone(key: str, name: str, pretrained: str | None, levels: Sequence[int], image_size: int) -> None:
@@ -79,4 +83,5 @@ def backbone_from_config(raw: dict, key: str, device: torch.device | None = None
     from anomaly_core.config import BackboneConfig, build
 
     cfg = build(BackboneConfig, raw, key)
-    return cfg, create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size).to(device or torch.device("cpu"))
+    backbone = create_backbone(cfg.name, cfg.pretrained, cfg.levels, cfg.image_size, cfg.allow_partial_weights)
+    return cfg, backbone.to(device or torch.device("cpu"))

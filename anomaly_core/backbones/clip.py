@@ -40,7 +40,9 @@ def is_open_clip_name(name: str) -> bool:
     return name in open_clip.list_models()
 
 
-def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
+def _create_open_clip(name: str, pretrained: str | None, allow_partial: bool = False) -> tuple[nn.Module, list[str]]:
+    """The open_clip model with its weights, and the tensors a local weights file left unloaded (refused unless
+    `allow_partial`; they keep the seeded random initialisation)."""
     import open_clip
 
     register_configs()
@@ -48,11 +50,27 @@ def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
         # the same "random" weights in every stage and process: features, text encoder and adapters must agree
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            return open_clip.create_model(name, pretrained=None)
-    if is_local_file(pretrained) and not Path(pretrained).is_file():
-        raise WeightsError(f"CLIP weights file not found: {pretrained} (set backbones.clip.pretrained to an existing checkpoint)")
+            return open_clip.create_model(name, pretrained=None), []
+    if is_local_file(pretrained):
+        if not Path(pretrained).is_file():
+            raise WeightsError(f"CLIP weights file not found: {pretrained} (set backbones.clip.pretrained to an "
+                               "existing checkpoint)")
+        from anomaly_core.backbones.timm_backbone import unloaded_error
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(name, pretrained=None)
+        try:  # open_clip's own checkpoint conversion (prefixes, position-embedding resizing), then a lenient load
+            incompatible = open_clip.load_checkpoint(model, pretrained, strict=False)
+        except Exception as exc:
+            raise WeightsError(f"{pretrained}: not a readable checkpoint for open_clip model {name} "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+        missing = list(getattr(incompatible, "missing_keys", []) or [])
+        if missing and not allow_partial:
+            raise unloaded_error(pretrained, f"open_clip model {name}", missing, len(model.state_dict()))
+        return model, missing
     try:
-        return open_clip.create_model(name, pretrained=pretrained)
+        return open_clip.create_model(name, pretrained=pretrained), []
     except Exception as exc:  # open_clip raises RuntimeError / hub errors when a tag cannot be fetched offline
         raise WeightsError(
             f"cannot load open_clip weights '{pretrained}' for {name} offline ({type(exc).__name__}); "
@@ -68,13 +86,15 @@ class ClipBackbone(nn.Module):
 
     kind = "clip"
 
-    def __init__(self, name: str, pretrained: str | None, levels: Sequence[int], image_size: int | None = None):
+    def __init__(self, name: str, pretrained: str | None, levels: Sequence[int], image_size: int | None = None,
+                 allow_partial_weights: bool = False):
         super().__init__()
         import open_clip
 
         self.name, self.pretrained = name, "random" if is_random(pretrained) else str(pretrained)
         self.untrained = is_random(pretrained)
-        self.model = _create_open_clip(name, pretrained).eval().requires_grad_(False)
+        model, self.missing_tensors = _create_open_clip(name, pretrained, allow_partial_weights)
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
         visual = self.model.visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):

@@ -16,35 +16,43 @@ from anomaly_core.backbones.weights import (
 from anomaly_core.errors import ConfigError, WeightsError
 
 
-def _build(name: str, pretrained: str | None) -> nn.Module:
-    """A full timm model (with head) carrying the requested weights."""
+def unloaded_error(pretrained: str, model: str, missing: list[str], total: int) -> WeightsError:
+    """The refusal of a weights file that leaves backbone tensors unloaded (they would stay random while info.json
+    says pretrained), listing the first few and the opt-in."""
+    return WeightsError(f"{pretrained} does not fit {model}: {len(missing)} of {total} backbone tensors would stay "
+                        f"unloaded ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); give a checkpoint "
+                        "of this architecture (or set the backbone's allow_partial_weights: true to keep them random)")
+
+
+def _build(name: str, pretrained: str | None, allow_partial: bool = False) -> tuple[nn.Module, list[str]]:
+    """A full timm model (with head) carrying the requested weights, and the backbone tensors a local weights file
+    left unloaded (refused unless `allow_partial`)."""
     import timm
 
     if is_random(pretrained):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same untrained weights in every stage and process
-            return timm.create_model(name, pretrained=False)
+            return timm.create_model(name, pretrained=False), []
     if pretrained == EFFNET_LITE0_PACKAGE:
         if name != "efficientnet_lite0":
             raise ConfigError(f"pretrained={EFFNET_LITE0_PACKAGE} only fits efficientnet_lite0, not {name}")
         model = timm.create_model(name, pretrained=False)
         model.load_state_dict(efficientnet_lite0_package_state(model))
-        return model
+        return model, []
     if is_local_file(pretrained):
-        model = timm.create_model(name, pretrained=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # tensors a partial file leaves unloaded are the same in every stage and process
+            model = timm.create_model(name, pretrained=False)
         state = load_state_dict_file(pretrained)
         missing, _ = model.load_state_dict(state, strict=False)
         head = model.pretrained_cfg.get("classifier") or "classifier"  # unused by the features_only backbone
         heads = (head,) if isinstance(head, str) else tuple(head)
         missing = [k for k in missing if not any(k == h or k.startswith(h + ".") for h in heads)]
-        if missing:  # a partly loaded backbone would pass for pretrained (info.json) with random layers
-            raise WeightsError(f"{pretrained} does not fit timm model {name}: {len(missing)} of "
-                               f"{len(model.state_dict())} backbone tensors would stay unloaded ("
-                               f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); give a checkpoint "
-                               "of this architecture")
-        return model
+        if missing and not allow_partial:  # a partly loaded backbone would pass for pretrained with random layers
+            raise unloaded_error(pretrained, f"timm model {name}", missing, len(model.state_dict()))
+        return model, missing
     try:  # a hub tag such as "timm/vit_small_patch14_dinov2.lvd142m" or "default"
-        return timm.create_model(name if pretrained in ("default", "hub") else pretrained, pretrained=True)
+        return timm.create_model(name if pretrained in ("default", "hub") else pretrained, pretrained=True), []
     except Exception as exc:
         raise WeightsError(
             f"cannot load timm weights '{pretrained}' for {name} offline ({type(exc).__name__}); "
@@ -57,7 +65,8 @@ class TimmBackbone(nn.Module):
 
     kind = "visual"
 
-    def __init__(self, name: str, pretrained: str | None, levels: Sequence[int], image_size: int = 224):
+    def __init__(self, name: str, pretrained: str | None, levels: Sequence[int], image_size: int = 224,
+                 allow_partial_weights: bool = False):
         super().__init__()
         import timm
 
@@ -65,7 +74,7 @@ class TimmBackbone(nn.Module):
         self.untrained = is_random(pretrained)
         self.levels = [int(v) for v in levels]
         self.image_size = int(image_size)
-        full = _build(name, pretrained)
+        full, self.missing_tensors = _build(name, pretrained, allow_partial_weights)
         cfg = full.pretrained_cfg or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         self.is_vit = "vit" in name or "dino" in name

