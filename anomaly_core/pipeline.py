@@ -24,6 +24,8 @@ BRANCHES = ("visual", "clip")
 FIXED: dict[str, tuple[str, ...]] = {
     "demo_data": ("demo_seed", "data.demo"),
     "prepare": ("seed", "shots", "task", "data"),
+    # hashes the files params name (data.root, weights files, aaclip.train_data.root); backbones added below
+    "fingerprint": ("seed", "data"),
     "features": ("task", "features"),
     "train_text_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_text"),
     "train_image_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_image"),
@@ -85,6 +87,10 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
            if not name.startswith("train_")}
     branches = needed_branches(params, methods)
     out["features"]["backbones"] = {b: copy.deepcopy(section(params, f"backbones.{b}")) for b in branches}
+    out["fingerprint"]["backbones"] = copy.deepcopy(out["features"]["backbones"])  # the weights that are loaded
+    aaclip = task == "anomaly" and "aaclip" in methods
+    out["fingerprint"]["aaclip"] = {"train_data": copy.deepcopy(section(params, "aaclip.train_data")) if aaclip
+                                    else {"format": ""}}
     for name in ("train_text_adapter", "train_image_adapter"):
         enabled = task == "anomaly" and "aaclip" in methods
         out[name] = {**subset(params, FIXED[name]), "enabled": True} if enabled else {"task": task, "enabled": False}

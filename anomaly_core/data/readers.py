@@ -34,6 +34,7 @@ __all__ = [
     "read_imagefolder",
     "read_folder",
     "validate_rows",
+    "read_dataset",
     "READERS",
     "IMAGEFOLDER_CATEGORY",
 ]
@@ -322,3 +323,20 @@ def validate_rows(rows: Iterable[Row]) -> None:
             raise DataError(
                 f"mask {r.mask} has size {mhw[0]}x{mhw[1]} (HxW) but its image {r.image} has size {hw[0]}x{hw[1]}"
             )
+
+
+def read_dataset(cfg, demo_root: str | os.PathLike, seed: int = 0) -> list[Row]:
+    """The rows of the dataset a `data` section names (a `DataConfig`): the demo tree at `demo_root`, or
+    `cfg.root` in `cfg.format`. `prepare` reads its images with it and `fingerprint` hashes exactly these files."""
+    from anomaly_core.errors import ConfigError
+
+    if cfg.format == "demo":
+        return read_mvtec(demo_root, cfg.categories)
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root={cfg.root}: directory not found (point it at your {cfg.format} dataset)")
+    if cfg.format == "folder":
+        f = cfg.folder
+        return read_folder(root, f.normal_dir, f.abnormal_dir, f.mask_dir, f.normal_test_dir, f.normal_split_ratio,
+                           seed)
+    return READERS[cfg.format](root, cfg.categories)
