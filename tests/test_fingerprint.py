@@ -96,3 +96,18 @@ def test_unreadable_root_is_recorded_for_prepare_to_report(tmp_path: Path, capsy
     out = run_stage(tmp_path, capsys, **{"data.format": "mvtec", "data.root": str(tmp_path / "nowhere")})
     record = json.loads(out["dataset.json"])
     assert record["unreadable"].startswith(f"data.root={tmp_path / 'nowhere'}: directory not found")
+
+
+def test_same_size_rewrite_with_the_old_mtime_is_seen(tmp_path: Path, capsys):
+    """Only the ctime differs (same size, mtime restored): the file is read again and its new hash recorded."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(bytes(range(256)) * 64)
+    changes = {"backbones.visual.pretrained": str(weights)}
+    first = json.loads(run_stage(tmp_path, capsys, **changes)["weights_visual.json"])
+    st = weights.stat()
+    weights.write_bytes(bytes(reversed(range(256))) * 64)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    after = json.loads(run_stage(tmp_path, capsys, **changes)["weights_visual.json"])
+    assert "1 read in full, 1 changed since the last run" in last_line(capsys)
+    assert after["file"]["bytes"] == first["file"]["bytes"] and after["file"]["sha256"] != first["file"]["sha256"]
