@@ -25,6 +25,7 @@ class FeatureStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._cache: dict[tuple[str, str, str], tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
+        self._meta: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.info = read_json(self.root / "info.json")
 
     def has(self, branch: str) -> bool:
@@ -35,7 +36,26 @@ class FeatureStore:
         if key not in self._cache:
             tensors, meta = load_tensors(self.root / branch / category / f"{source}.safetensors")
             self._cache[key] = (tensors, {i: n for n, i in enumerate(meta["ids"])})
+            self._meta[key] = meta
         return self._cache[key]
+
+    def tiles(self, branch: str, rows: Sequence[Row]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(tile offsets [T, 2], tiled (H, W)) of the files holding `rows` (features extracted with tiling); a
+        DataError when the features are not tiled or the rows' files were tiled differently."""
+        found = set()
+        for row in rows:
+            tensors, _ = self._locate(branch, row)
+            meta = next(m for k, m in self._meta.items() if self._cache[k][0] is tensors)
+            if "tiles" not in meta:
+                raise DataError(f"{row.id}: the cached {branch} features are not tiled; re-run `dvc repro features` "
+                                "with tiling.enabled: true")
+            found.add((tuple(map(tuple, meta["tiles"])), tuple(meta["tiled_hw"])))
+        if len(found) != 1:
+            raise DataError(f"category {rows[0].category}: its train and test images were tiled at different sizes "
+                            f"({', '.join(f'{h}x{w}' for _, (h, w) in sorted(found))} px); set tiling.resolution "
+                            "to a side in px")
+        offsets, hw = found.pop()
+        return torch.tensor(offsets, dtype=torch.long), hw
 
     def _locate(self, branch: str, row: Row) -> tuple[dict[str, torch.Tensor], int]:
         """The cached file and position of a row: its split's usual source first (val/test rows come from the
