@@ -209,3 +209,46 @@ def test_validate_accepts_tiling_for_knn_and_names_what_does_not_tile():
     clip["knn"]["branch"] = "clip"
     assert _errors(clip) == ["tiling.enabled=true needs knn.branch=visual (got clip): CLIP tokens are not tiled "
                              "(method knn)"]
+
+
+def test_lazy_scores_read_each_category_on_lookup_with_the_same_values(tmp_path):
+    """evaluate reads score files lazily (one category's maps in memory at a time): same values as the dict."""
+    from anomaly_core.store import LazyScores, load_scores, save_scores
+
+    g = torch.Generator().manual_seed(0)
+    per_cat = {c: ([f"{c}/{i}" for i in range(n)], torch.rand(n, generator=g), torch.rand(n, 16, 16, generator=g))
+               for c, n in (("a", 3), ("b", 2))}
+    save_scores(tmp_path / "test.safetensors", per_cat)
+    eager, lazy = load_scores(tmp_path / "test.safetensors"), load_scores(tmp_path / "test.safetensors", lazy=True)
+    assert isinstance(lazy, LazyScores) and list(lazy) == list(eager) == ["a", "b"] and len(lazy) == 2
+    assert not any(isinstance(v, torch.Tensor) for v in vars(lazy).values())  # holds no tensor between lookups
+    for c in eager:
+        assert lazy[c][0] == eager[c][0] == per_cat[c][0]
+        assert torch.equal(lazy[c][1], eager[c][1]) and torch.equal(lazy[c][2], eager[c][2])
+        assert torch.equal(lazy[c][2], per_cat[c][2].half().float())
+    with pytest.raises(KeyError):
+        lazy["c"]
+
+
+def test_evaluate_computes_pixel_metrics_of_the_stitched_maps_at_pixel_size(run, tmp_path):
+    """evaluate (lazy score files, one category at a time) on the tiled kNN's stitched 128 px maps with
+    evaluate.pixel_size = 160 (the native side): the metrics of the maps resized bilinearly against the masks at
+    160 px (nearest), as computed directly."""
+    from anomaly_core import evaluation as ev
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.reporting import evaluate_methods
+    from anomaly_core.store import save_scores
+
+    _, rows, scores, _, _, _ = run
+    for split in ("val", "test"):
+        save_scores(tmp_path / "knn" / f"{split}.safetensors", scores[split])
+    summary, per_cat = evaluate_methods(rows, {"knn": tmp_path / "knn"}, SIZE, 0.3, 1, tmp_path / "metrics",
+                                        tmp_path / "reports", pixel_size=SIDE)
+    part = mf.rows_for(rows, "brick", "test")
+    image, maps = ev.align(part, *scores["test"]["brick"])
+    maps = ev.at_size(maps.astype(np.float32), SIDE)
+    assert maps.shape[-1] == SIDE
+    want = ev.rounded({"brick": ev.category_metrics(np.array([r.label for r in part]), ev.masks_for(part, SIDE),
+                                                    image, maps, 0.3, category="brick")})
+    assert per_cat["knn"] == want and 0 < want["brick"]["pixel_auroc"] < 1
+    assert (tmp_path / "reports" / "heatmaps" / "knn_brick.png").is_file()
