@@ -4,6 +4,10 @@ bank (one bank, or one per tile position with `tiling.position_aware`), test til
 per-tile maps are upsampled to tile pixels and stitched back with overlaps averaged, then smoothed at the output
 resolution. The image score comes from the stitched map (`max` / `topk_mean`) or PatchCore's re-weighting over
 all tiles of the image (one bank only).
+
+Two entry points, one scoring path (`TiledKnn`): `store_scores` (score@knn with `tiling.enabled`: the features
+stage's cached tiles, `fit_category` builds the banks, which the tiled bundle also stores) and `tiled_knn_scores`
+(straight from image files: the benchmark).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from anomaly_core.store import FeatureStore, level_list
 def tile_features(backbone, paths: Sequence[str], tiling: TilingConfig, batch_size: int = 16,
                   dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[int, int]]:
     """Images -> ({"level_j": [N * T, C_j, h_j, w_j]}, tile offsets [T, 2], (H, W) of the tiled images): the
-    features stage's `features.extract_tile_features` with the tile dimension flattened into the batch."""
+    features stage's `kit.tiling.extract_tile_features` with the tile dimension flattened into the batch."""
     feats, offsets, hw = extract_tile_features(backbone, paths, tiling, batch_size, dtype)
     return {k: v.flatten(0, 1) for k, v in feats.items()}, offsets, hw
 
