@@ -115,6 +115,13 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
             how = f"trained by the {' and '.join(method.trained_by)} stages" if method.trained_by else "training-free"
             out[stage_name("fit", m)]["skip"] = f"{m}: no fit ({how})"
         out[stage_name("score", m)] = {"task": task, "method": m, **subset(params, method.reads("score"))}
+    tiling = section(params, "tiling") if "tiling" in params else None
+    if tiling and tiling.get("enabled"):  # only then: the default path's configs (and DVC's hashes) stay as they were
+        if "visual" in branches:
+            out["features"]["tiling"] = copy.deepcopy(tiling)
+        for m in methods:
+            if get_method(m).tiles:
+                out[stage_name("score", m)]["tiling"] = copy.deepcopy(tiling)
     # the bundle of any method carries the params its score stage reads (predict runs that same code)
     out["export"]["score"] = {m: copy.deepcopy(out[stage_name("score", m)]) for m in methods}
     return out

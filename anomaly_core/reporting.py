@@ -65,7 +65,7 @@ def evaluate_methods(rows, dirs: dict[str, Path], size: int, max_fpr: float, n_h
     masks = {c: ev.masks_for(test_rows[c], pixel_size or size) for c in cats}
     summary, per_category, curves = {}, {}, {"roc": {}, "pr": {}}
     for method, where in tqdm(dirs.items(), desc="evaluate", disable=not progress):
-        test, val = load_scores(where / "test.safetensors"), load_scores(where / "val.safetensors")
+        test, val = load_scores(where / "test.safetensors", True), load_scores(where / "val.safetensors", True)
         per_cat, pooled_labels, pooled_scores = {}, [], []
         for c in cats:
             labels = np.array([r.label for r in test_rows[c]])

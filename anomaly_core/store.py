@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 import dataclasses
-from typing import Any, Sequence
+import json
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from anomaly_core.data.manifest import Row
 from anomaly_core.errors import DataError
-from anomaly_core.io import load_tensors, read_json, save_tensors
+from anomaly_core.io import META_KEY, load_tensors, read_json, save_tensors
 
 SOURCE = {"train": "train", "val": "test", "test": "test"}
 
@@ -25,6 +26,7 @@ class FeatureStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._cache: dict[tuple[str, str, str], tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
+        self._meta: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.info = read_json(self.root / "info.json")
 
     def has(self, branch: str) -> bool:
@@ -35,7 +37,26 @@ class FeatureStore:
         if key not in self._cache:
             tensors, meta = load_tensors(self.root / branch / category / f"{source}.safetensors")
             self._cache[key] = (tensors, {i: n for n, i in enumerate(meta["ids"])})
+            self._meta[key] = meta
         return self._cache[key]
+
+    def tiles(self, branch: str, rows: Sequence[Row]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(tile offsets [T, 2], tiled (H, W)) of the files holding `rows` (features extracted with tiling); a
+        DataError when the features are not tiled or the rows' files were tiled differently."""
+        found = set()
+        for row in rows:
+            tensors, _ = self._locate(branch, row)
+            meta = next(m for k, m in self._meta.items() if self._cache[k][0] is tensors)
+            if "tiles" not in meta:
+                raise DataError(f"{row.id}: the cached {branch} features are not tiled; re-run `dvc repro features` "
+                                "with tiling.enabled: true")
+            found.add((tuple(map(tuple, meta["tiles"])), tuple(meta["tiled_hw"])))
+        if len(found) != 1:
+            raise DataError(f"category {rows[0].category}: its train and test images were tiled at different sizes "
+                            f"({', '.join(f'{h}x{w}' for _, (h, w) in sorted(found))} px); set tiling.resolution "
+                            "to a side in px")
+        offsets, hw = found.pop()
+        return torch.tensor(offsets, dtype=torch.long), hw
 
     def _locate(self, branch: str, row: Row) -> tuple[dict[str, torch.Tensor], int]:
         """The cached file and position of a row: its split's usual source first (val/test rows come from the
@@ -116,7 +137,38 @@ def save_scores(path: str | Path, per_category: dict[str, tuple[list[str], torch
     save_tensors(path, tensors, {"ids": ids})
 
 
-def load_scores(path: str | Path) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """Inverse of `save_scores`: {category: (ids, image [N] float32, maps [N, S, S] float32)}."""
+def load_scores(path: str | Path, lazy: bool = False) -> Mapping[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """Inverse of `save_scores`: {category: (ids, image [N] float32, maps [N, S, S] float32)}. `lazy`: a mapping
+    that reads a category's tensors from the file when it is looked up and keeps nothing (evaluate: one category's
+    maps in memory at a time, whatever the map size)."""
+    if lazy:
+        return LazyScores(path)
     tensors, meta = load_tensors(path)
     return {cat: (ids, tensors[f"{cat}.image"], tensors[f"{cat}.map"].float()) for cat, ids in meta["ids"].items()}
+
+
+class LazyScores(Mapping):
+    """`load_scores(path, lazy=True)`: the same values as the dict, each category read on lookup."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"missing file {self.path} (run the stage that writes it, e.g. `dvc repro`)")
+        with safe_open(str(self.path), framework="pt") as f:
+            self.ids = json.loads((f.metadata() or {})[META_KEY])["ids"]
+
+    def __getitem__(self, cat: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        from safetensors import safe_open
+
+        if cat not in self.ids:
+            raise KeyError(cat)
+        with safe_open(str(self.path), framework="pt") as f:
+            return self.ids[cat], f.get_tensor(f"{cat}.image"), f.get_tensor(f"{cat}.map").float()
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)

@@ -196,13 +196,54 @@ def rule_export_method(params: dict[str, Any], configs: Configs, known: Sequence
 
 
 def rule_tiling_stages(params: dict[str, Any], configs: Configs) -> list[str]:
-    """`tiling.enabled: true` is refused by the DVC stages (they run at data.image_size): one line saying where
-    the tiled kNN runs today."""
+    """`tiling.enabled: true`: every selected method that reads the visual branch must tile (`Method.tiles`: kNN;
+    VPT-kNN and MuSc do not), the tile is the visual backbone's input (`tiling.tile` = `backbones.visual.
+    image_size`: tiles are never resized), the kNN's own limits (`kit.knn.check_tiled`), and one
+    features process (`dist.nproc: 1`). One line per problem, naming the method and the key."""
     tiling = configs.get("tiling")
     if tiling is None or not tiling.enabled:
         return []
-    return ["tiling.enabled=True: the DVC stages do not tile yet (features, score@knn and evaluate run at "
-            "data.image_size); the tiled kNN runs with anomaly_core.methods.knn.tiled (scripts/tiling_benchmark.py)"]
+    from anomaly_core.errors import ConfigError
+    from anomaly_core.methods import get_method, method_names
+
+    errors = []
+    names = params.get("methods")
+    selected = [m for m in names if m in method_names()] if isinstance(names, list) else []
+    for name in selected:
+        m = get_method(name)
+        try:
+            reads_visual = "visual" in m.branches(params)
+        except ConfigError:  # its branch key is wrong: said by its own section's check
+            continue
+        if reads_visual and not m.tiles:
+            errors.append(f"tiling.enabled=True: method {name} does not tile (it reads the visual branch resized to "
+                          f"backbones.visual.image_size); remove {name} from methods or set tiling.enabled: false")
+        elif m.tiles and configs.get(m.section) is not None:
+            for line in tiling_refusals(name, configs[m.section], tiling):
+                errors.append(line)
+    visual = configs.get("backbones.visual")
+    if visual is not None and visual.image_size != tiling.tile:
+        errors.append(f"tiling.tile={tiling.tile}: must equal backbones.visual.image_size={visual.image_size} (the "
+                      "backbone sees each tile at its own resolution; set both to the same value)")
+    dist = configs.get("dist")
+    if dist is not None and dist.nproc != 1:
+        errors.append(f"dist.nproc={dist.nproc}: tiled features are extracted by one process (set dist.nproc: 1 "
+                      "or tiling.enabled: false)")
+    return errors
+
+
+def tiling_refusals(method: str, cfg: Any, tiling: Any) -> list[str]:
+    """The tiled kNN's limits for a tiling method's config (kNN's section): one line each, naming the method."""
+    from anomaly_core.errors import ConfigError
+    from anomaly_core.kit.knn import KnnConfig, check_tiled
+
+    if not isinstance(cfg, KnnConfig):
+        return []
+    try:
+        check_tiled(cfg, tiling)
+    except ConfigError as exc:
+        return [f"{exc} (method {method})"]
+    return []
 
 
 def rule_fixed_threshold(params: dict[str, Any], configs: Configs) -> list[str]:

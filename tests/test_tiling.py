@@ -122,7 +122,7 @@ def test_tiled_knn_refusals_are_one_line():
     check_tiled(replace(KnnConfig(), image_score="max"), TilingConfig(enabled=True, position_aware=True))
 
 
-def test_params_tiling_section_enabled_is_refused_by_the_stages():
+def test_params_tiling_section_checks():
     from pathlib import Path
 
     import yaml
@@ -131,46 +131,5 @@ def test_params_tiling_section_enabled_is_refused_by_the_stages():
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     assert validate_params(params, default_schema()) == []
-    on = {**params, "tiling": {**params["tiling"], "enabled": True}}
-    (line,) = validate_params(on, default_schema())
-    assert line.startswith("tiling.enabled=True: the DVC stages do not tile yet")
     bad = {**params, "tiling": {**params["tiling"], "stride": 300}}
     assert validate_params(bad, default_schema()) == ["tiling.stride=300: must be <= tile (224): tiles must cover the image"]
-
-
-def test_small_defect_tree_keeps_defects_narrow_at_1024_px():
-    from PIL import Image
-
-    from anomaly_core.data.demo import render_sample
-
-    for defect in ("scratch", "hole", "stain", "foreign"):
-        clean, img, mask = render_sample(0, "grass", f"test/{defect}/0", defect, 1024, (4.0, 16.0))
-        assert mask.shape == (1024, 1024) and 6 <= mask.sum() <= 2000, (defect, mask.sum())
-        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((224, 224), Image.NEAREST)) > 0
-        assert small.sum() < mask.sum() / 10  # at 224 px most of each defect is gone from the mask itself
-    # the default (no defect_px) images are unchanged by the option's existence
-    a = render_sample(0, "grass", "test/hole/0", "hole", 256)
-    b = render_sample(0, "grass", "test/hole/0", "hole", 256, None)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def test_pixel_metrics_at_their_own_resolution(mvtec_tree):
-    """evaluate.pixel_size: masks at that side by nearest neighbour, maps bilinearly; the default keeps the maps."""
-    from anomaly_core.data.images import load_mask
-    from anomaly_core.evaluation import at_size, masks_for
-    from anomaly_core.data.manifest import Row
-
-    masks = sorted((mvtec_tree / "alpha" / "ground_truth").rglob("*.png"))
-    images = [mvtec_tree / "alpha" / "test" / m.parent.name / m.name.replace("_mask", "") for m in masks]
-    rows = [Row(id=str(i), category="alpha", split="test", label=1, defect_type="x", image=str(img), mask=str(m))
-            for i, (img, m) in enumerate(zip(images, masks))]
-    native = np.stack([load_mask(m, None) for m in masks])
-    assert np.array_equal(masks_for(rows, native.shape[-1]), native)  # native side: the masks themselves
-    small = masks_for(rows, 16)
-    assert small.shape == (len(rows), 16, 16)
-    maps = np.random.default_rng(0).random((len(rows), 16, 16)).astype(np.float32)
-    assert at_size(maps, 16) is maps
-    up = at_size(maps, 64)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(64, 64), mode="bilinear",
-                                          align_corners=False)[:, 0].numpy()
-    assert up.shape == (len(rows), 64, 64) and np.allclose(up, ref)

@@ -7,4 +7,5 @@
 * `maps.py`: map post-processing (upsampling, Gaussian smoothing, image scores);
 * `anchors.py`: patch-to-text scoring against (normal, abnormal) anchors; `prompts.py`: the prompt ensemble;
 * `clip_data.py`: CLIP training data (shot tokens, val-anomaly cells); `losses.py`; `prototypes.py`: centroids.
+* `tiling.py`: tiles (cut, stitch, per-tile features) for `tiling.enabled` (the tiled kNN).
 """

@@ -480,6 +480,16 @@ class PatchKnn:
 Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (category, grid [N, h, w, D]) -> [N, h, w, D']
 
 
+def check_tiled(cfg: KnnConfig, tiling, section: str = "tiling") -> None:
+    """One-line refusals (ConfigError) of the settings the tiled kNN (`methods/knn/tiled.py`, `kit.tiling.TilingConfig`
+    `tiling`) does not support."""
+    if cfg.branch != "visual":
+        raise ConfigError(f"{section}.enabled=true needs knn.branch=visual (got {cfg.branch}): CLIP tokens are not tiled")
+    if tiling.position_aware and cfg.image_score == "reweight":
+        raise ConfigError(f"{section}.position_aware=true with knn.image_score=reweight: the re-weighting needs one bank "
+                          "(set knn.image_score to max or topk_mean)")
+
+
 def knn_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, size: int, seed: int,
                progress: bool = False, transform: Transform | None = None) -> Scores:
     """Patch kNN of val and test images against each category's k-shot bank. `transform(category, grid)` maps

@@ -4,19 +4,22 @@ Method-free maths shared by every tiled method (kNN today): `tile_starts` places
 tile flush with the far edge, so every pixel is covered and no tile is padded), `cut_tiles` cuts a batch of
 images into [N * T, tile, tile, 3] tiles (T per image, row-major), `stitch` sums per-tile maps into the image
 and divides by the per-pixel tile count (so overlaps are averaged exactly), `TilingConfig` is the `tiling`
-params section.
+params section, `extract_tile_features` the features stage's (and a tiled bundle's) per-tile encoding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from anomaly_core.config import Checks
+from anomaly_core.errors import ConfigError
 
-__all__ = ["TilingConfig", "tile_starts", "tile_grid", "cut_tiles", "stitch", "resize_maps"]
+__all__ = ["TilingConfig", "tiling_from", "tile_starts", "tile_grid", "cut_tiles", "stitch", "resize_maps", "load_at",
+           "extract_tile_features"]
 
 
 @dataclass
@@ -40,6 +43,18 @@ class TilingConfig:
     def side(self, native: int) -> int:
         """The side (px) tiles are cut at for an image whose native side is `native`."""
         return native if self.resolution == "native" else int(self.resolution)
+
+
+def tiling_from(params: dict) -> "TilingConfig | None":
+    """The `tiling` entry of a stage's resolved config as a TilingConfig, or None when it is absent or disabled
+    (`validate` writes it into the configs of `features` and the tiling methods' stages only when enabled, so the
+    default path's configs, and DVC's hashes of them, do not change)."""
+    from anomaly_core.config import build
+
+    raw = params.get("tiling")
+    if not raw or not raw.get("enabled"):
+        return None
+    return build(TilingConfig, raw, "tiling", strict=True)
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -86,3 +101,58 @@ def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     if maps.shape[-2:] == (size, size):
         return maps
     return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+# ---------------------------------------------------------------------------- tile features (the features stage, predict)
+
+
+def load_at(path: str, tiling, max_pixels: int | None = None) -> np.ndarray:
+    """An image as uint8 [H, W, 3] at the tiling resolution (`tiling.resolution`: native, or a square side in px,
+    PIL bicubic as `load_resized`)."""
+    from PIL import Image
+
+    from anomaly_core.data.images import load_image
+
+    img = load_image(path, max_pixels)
+    if tiling.resolution != "native" and img.shape[:2] != (int(tiling.resolution),) * 2:
+        side = int(tiling.resolution)
+        img = np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC))
+    return img
+
+
+@torch.no_grad()
+def extract_tile_features(backbone, paths: Sequence[str], tiling, batch_size: int = 16,
+                          dtype: torch.dtype = torch.float16, desc: str = "tiles", progress: bool = False,
+                          max_pixels: int | None = None
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[int, int]]:
+    """Images -> ({"level_j": [N, T, C_j, h_j, w_j]} in `dtype`, tile offsets [T, 2] (y, x), (H, W) tiled).
+
+    Each image is cut into its T overlapping `tiling.tile` px tiles (kit/tiling.py); an image's tiles are the batch
+    (`batch_size` tiles per backbone call), so an image's features never depend on the images read with it (the
+    features stage and predict give the same values). All images of a call share one size at the tiling
+    resolution (a ConfigError names the first that differs).
+    """
+    from tqdm.auto import tqdm
+
+    from anomaly_core.features import encode_batch  # imported here: `validate` reads TilingConfig only
+
+    out: dict[str, list[torch.Tensor]] = {}
+    offsets, hw = None, None
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    for path in paths:
+        img = torch.from_numpy(np.array(load_at(str(path), tiling, max_pixels)))[None]  # [1, H, W, 3]
+        if hw is None:
+            hw = tuple(img.shape[1:3])
+        elif tuple(img.shape[1:3]) != hw:
+            raise ConfigError(f"{path}: {img.shape[1]}x{img.shape[2]} px differs from the other images' "
+                              f"{hw[0]}x{hw[1]} px of its category; set tiling.resolution to a side in px")
+        tiles, offsets = cut_tiles(img, tiling.tile, tiling.stride)  # [T, t, t, 3]
+        parts: dict[str, list[torch.Tensor]] = {}
+        for s in range(0, tiles.shape[0], batch_size):
+            for key, value in encode_batch(backbone, tiles[s : s + batch_size], dtype).items():
+                parts.setdefault(key, []).append(value)
+        for key, value in parts.items():
+            out.setdefault(key, []).append(torch.cat(value))  # [T, ...]
+        bar.update(1)
+    bar.close()
+    return {k: torch.stack(v) for k, v in out.items()}, offsets, hw

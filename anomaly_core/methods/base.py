@@ -92,6 +92,8 @@ class Method:
       `Predictor(bundle, card)` and optionally `onnx_graph(predictor, category)`. None: the generic bundle
       (`deploy/generic.py`: the method's own `score` on the new images).
     * `baseline`: the method it is compared with in `metrics/<name-prefix>_comparison.json` (VPT: plain kNN).
+    * `tiles`: with `tiling.enabled` its score stage (and bundle) reads tiled visual features (`validate` adds the
+      `tiling` section to its score config); a selected method reading the visual branch without it is refused.
     """
 
     name: str
@@ -117,6 +119,7 @@ class Method:
     stages: str | None = None
     deploy: str | None = None
     baseline: str | None = None
+    tiles: bool = False  # scores tiled visual features (`tiling.enabled`); validate refuses tiling for the others
 
     def stage_function(self, stage: str) -> Callable:
         """The function of one of its `trained_by` DVC stages (from the `stages` module)."""

@@ -4,70 +4,41 @@ bank (one bank, or one per tile position with `tiling.position_aware`), test til
 per-tile maps are upsampled to tile pixels and stitched back with overlaps averaged, then smoothed at the output
 resolution. The image score comes from the stitched map (`max` / `topk_mean`) or PatchCore's re-weighting over
 all tiles of the image (one bank only).
+
+Two entry points, one scoring path (`TiledKnn`): `store_scores` (score@knn with `tiling.enabled`: the features
+stage's cached tiles, `fit_category` builds the banks, which the tiled bundle also stores) and `tiled_knn_scores`
+(straight from image files: the benchmark).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
-from anomaly_core.data.images import load_image
+from anomaly_core.data.holdout import shot_rows
+from anomaly_core.data.manifest import Row
 from anomaly_core.errors import ConfigError
-from anomaly_core.features import encode_batch
-from anomaly_core.kit.knn import KnnConfig, PatchKnn, knn_search, reweight_scores
+from anomaly_core.kit.knn import KnnConfig, PatchKnn, check_tiled, knn_search, reweight_scores
+from anomaly_core.kit.scores import Scores, score_splits
 from anomaly_core.kit.maps import image_score_from_map, smooth, upsample
 from anomaly_core.kit.patches import cnn_patches
-from anomaly_core.kit.tiling import TilingConfig, cut_tiles, resize_maps, stitch
-from anomaly_core.store import level_list
-
-
-def check_tiled(cfg: KnnConfig, tiling: TilingConfig, section: str = "tiling") -> None:
-    """One-line refusals of the settings the tiled kNN does not support."""
-    if cfg.branch != "visual":
-        raise ConfigError(f"{section}.enabled=true needs knn.branch=visual (got {cfg.branch}): CLIP tokens are not tiled")
-    if tiling.position_aware and cfg.image_score == "reweight":
-        raise ConfigError(f"{section}.position_aware=true with knn.image_score=reweight: the re-weighting needs one bank "
-                          "(set knn.image_score to max or topk_mean)")
-
-
-def load_at(path: str, tiling: TilingConfig) -> np.ndarray:
-    """An image as uint8 [H, W, 3] at the tiling resolution (native, or resized square with PIL bicubic)."""
-    img = load_image(path)
-    if tiling.resolution != "native" and img.shape[:2] != (tiling.resolution,) * 2:
-        side = int(tiling.resolution)
-        img = np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC))
-    return img
+from anomaly_core.kit.tiling import TilingConfig, extract_tile_features, resize_maps, stitch
+from anomaly_core.store import FeatureStore, level_list
 
 
 @torch.no_grad()
 def tile_features(backbone, paths: Sequence[str], tiling: TilingConfig, batch_size: int = 16,
                   dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[int, int]]:
-    """Images -> ({"level_j": [N * T, C_j, h_j, w_j]}, tile offsets [T, 2], (H, W) of the tiled images).
-
-    All images of a call must share one size at the tiling resolution. Tiles are encoded `batch_size` at a time
-    (the batch dimension runs over tiles), at `tiling.tile` px: the backbone input size is the tile side.
-    """
-    out: dict[str, list[torch.Tensor]] = {}
-    offsets, hw = None, None
-    for path in paths:
-        img = torch.from_numpy(np.array(load_at(str(path), tiling)))[None]  # [1, H, W, 3]
-        if hw is None:
-            hw = tuple(img.shape[1:3])
-        elif tuple(img.shape[1:3]) != hw:
-            raise ConfigError(f"{path}: {tuple(img.shape[1:3])} px differs from the other images' {hw}; "
-                              "set tiling.resolution to a side in px")
-        tiles, offsets = cut_tiles(img, tiling.tile, tiling.stride)
-        for s in range(0, tiles.shape[0], batch_size):
-            for key, value in encode_batch(backbone, tiles[s : s + batch_size], dtype).items():
-                out.setdefault(key, []).append(value)
-    return {k: torch.cat(v) for k, v in out.items()}, offsets, hw
+    """Images -> ({"level_j": [N * T, C_j, h_j, w_j]}, tile offsets [T, 2], (H, W) of the tiled images): the
+    features stage's `kit.tiling.extract_tile_features` with the tile dimension flattened into the batch."""
+    feats, offsets, hw = extract_tile_features(backbone, paths, tiling, batch_size, dtype)
+    return {k: v.flatten(0, 1) for k, v in feats.items()}, offsets, hw
 
 
 def tile_grids(feats: dict[str, torch.Tensor], cfg: KnnConfig) -> torch.Tensor:
-    """Tile features -> patch descriptors [N * T, h, w, D] (the kNN's aggregation, per tile)."""
-    return cnn_patches(level_list(feats), cfg.patch_aggregate, cfg.patch_pad)
+    """Tile features -> patch descriptors [N * T, h, w, D] (the kNN's aggregation, per tile, in float32 as the
+    cached features are read)."""
+    return cnn_patches([lvl.float() for lvl in level_list(feats)], cfg.patch_aggregate, cfg.patch_pad)
 
 
 class TiledKnn:
@@ -114,18 +85,63 @@ class TiledKnn:
 
 
 def tiled_knn_scores(backbone, shot_paths: Sequence[str], paths: Sequence[str], cfg: KnnConfig, tiling: TilingConfig,
-                     size: int, seed: int = 0, batch_size: int = 16, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """One category end to end: shots' tiles -> banks; `paths` -> (image scores [N], maps [N, size, size])."""
+                     size: int, seed: int = 0, batch_size: int = 16, chunk: int = 4,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """One category end to end from the image files (no feature cache): shots' tiles -> banks; `paths` -> (image
+    scores [N], maps [N, size, size]). `dtype`: the features' precision (the pipeline caches float16)."""
     check_tiled(cfg, tiling)
-    shots, offsets, hw = tile_features(backbone, shot_paths, tiling, batch_size)
+    shots, offsets, hw = tile_features(backbone, shot_paths, tiling, batch_size, dtype)
     knn = TiledKnn.fit(tile_grids(shots, cfg), len(offsets), cfg, tiling, seed)
     del shots
     images, maps = [], []
     for s in range(0, len(paths), chunk):  # a few images at a time: bounded memory at any resolution
-        feats, offsets2, hw2 = tile_features(backbone, paths[s : s + chunk], tiling, batch_size)
+        feats, offsets2, hw2 = tile_features(backbone, paths[s : s + chunk], tiling, batch_size, dtype)
         if hw2 != hw:
             raise ConfigError(f"test images are {hw2} px, the shots {hw}: set tiling.resolution to a side in px")
         image, m = knn.predict(tile_grids(feats, cfg), offsets2, hw2, size)
         images.append(image)
         maps.append(m)
     return torch.cat(images), torch.cat(maps)
+
+
+def flat_levels(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached tile features {"level_j": [N, T, C, h, w]} -> {"level_j": [N * T, C, h, w]} (image-major tiles)."""
+    return {k: v.flatten(0, 1) for k, v in feats.items() if k.startswith("level_")}
+
+
+def fit_category(store: FeatureStore, rows: Sequence[Row], category: str, cfg: KnnConfig, tiling: TilingConfig,
+                 seed: int = 0) -> tuple[TiledKnn, torch.Tensor, tuple[int, int]]:
+    """A category's banks from the cached tile features of its shots -> (TiledKnn, tile offsets [T, 2], (H, W))."""
+    shots = shot_rows(rows, category)
+    offsets, hw = store.tiles(cfg.branch, shots)
+    grids = tile_grids(flat_levels(store.get(cfg.branch, shots)), cfg)  # [S * T, h, w, D]
+    return TiledKnn.fit(grids, len(offsets), cfg, tiling, seed), offsets, hw
+
+
+def store_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, tiling: TilingConfig, size: int,
+                 seed: int = 0, chunk: int = 4) -> Scores:
+    """score@knn with tiling: per category, the banks of the shots' cached tiles, then the val / test images'
+    cached tiles scored `chunk` images at a time (memory bounded at any resolution), maps stitched and resized to
+    `size` (data.image_size) [N, size, size]."""
+    check_tiled(cfg, tiling)
+    current: dict[str, tuple[TiledKnn, torch.Tensor, tuple[int, int]]] = {}
+
+    def prepare(cat: str) -> None:
+        current.clear()
+        current[cat] = fit_category(store, rows, cat, cfg, tiling, seed)
+
+    def part_scores(cat: str, part: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        knn, offsets, hw = current[cat]
+        got = store.tiles(cfg.branch, part)
+        if got[1] != hw:
+            raise ConfigError(f"category {cat}: its test images are tiled at {got[1][0]}x{got[1][1]} px, its shots "
+                              f"at {hw[0]}x{hw[1]} px; set tiling.resolution to a side in px")
+        images, maps = [], []
+        for s in range(0, len(part), chunk):
+            grids = tile_grids(flat_levels(store.get(cfg.branch, part[s : s + chunk])), cfg)
+            image, m = knn.predict(grids, offsets, hw, size)
+            images.append(image)
+            maps.append(m.half())  # the stored precision (score files hold float16 maps): half the memory
+        return torch.cat(images), torch.cat(maps)
+
+    return score_splits(rows, part_scores, prepare)
