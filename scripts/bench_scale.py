@@ -20,7 +20,7 @@ category is that plus our backbone forward over the category's images, and 15 x 
 time for the tree. Its image AUROC is over all test images of those categories (ours is on the test split left
 after the val carve: the two are not the same images).
 
-Outputs: the printed tables and reports/bench/{mvtec_size_<scale>.json, curves.json, knn_train.png, knn_categories.png,
+Outputs: the printed tables and bench/{mvtec_size_<scale>.json, curves.json, knn_train.png, knn_categories.png,
 musc.png}.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-OUT = Path("reports/bench")
+OUT = Path("bench")  # not reports/bench: reports/ is the evaluate stage's DVC output
 PIPELINE = ("prepare", "features", "train_text_adapter", "train_image_adapter", "fit", "score", "fuse", "evaluate")
 
 

@@ -16,7 +16,7 @@ reset; the bank itself is allocated before the reset), next to the one-matrix-pe
 
 The MuSc curve scores random pools of `--musc-pools` images (`--musc-grid`^2 patches x `--musc-dim` dims) under
 `--musc-budget` MB (musc.max_memory_mb) and prints seconds, the peak resident-memory growth of the pair loop and
-the fitted exponent of each against the pool size (log-log least squares; plotted to reports/bench/musc.png);
+the fitted exponent of each against the pool size (log-log least squares; plotted to bench/musc.png);
 then the 200-image pool once more in one block (the unblocked path: every pair once, memory ~ N^2) as the baseline.
 
 Run from the repository root after `dvc repro` (it reads data/prepared/images.csv and params.yaml).
@@ -151,7 +151,8 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float:
 
 
 def plot_curve(name: str, xlabel: str, xs: list[float], series: dict[str, list[float]]) -> Path:
-    """reports/bench/<name>.png: one log-log panel per series (its fitted exponent in the title)."""
+    """bench/<name>.png: one log-log panel per series (its fitted exponent in the title). bench/ lies outside every
+    DVC output: reports/ is the evaluate stage's, which DVC empties before evaluate runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +165,7 @@ def plot_curve(name: str, xlabel: str, xs: list[float], series: dict[str, list[f
         ax.set_title(f"{label}: exponent {fit_exponent(xs, ys):.2f}")
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out = Path("reports/bench") / f"{name}.png"
+    out = Path("bench") / f"{name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -293,7 +294,7 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          peer_python: str = typer.Option("/tmp/fidelity/anomalib/bin/python",
                                          help="--mvtec-size: python of the anomalib venv ('' = no peer)"),
          curves: bool = typer.Option(False, help="only the cost curves (kNN-only pipeline vs train images and vs "
-                                                 "categories, MuSc vs pool size), plotted to reports/bench/"),
+                                                 "categories, MuSc vs pool size), plotted to bench/"),
          train_grid: str = typer.Option("16,64,240", help="--curves: training images per category"),
          category_grid: str = typer.Option("4,8,15", help="--curves: categories"),
          curve_categories: int = typer.Option(4, help="--curves: categories of the training-images curve"),
