@@ -5,6 +5,10 @@
     python scripts/benchmark.py --knn-only      # only the kNN bank sweep and coreset timing (no data needed)
     python scripts/benchmark.py --predict       # predict (kNN bundle, coreset 0.1) vs the bare backbone forward
     python scripts/benchmark.py --musc          # MuSc pair loop: time and peak memory vs pool size (no data needed)
+    python scripts/benchmark.py --mvtec-size --scale 0.1   # kNN-only + all-methods pipeline on an MVTec-AD-sized tree
+    python scripts/benchmark.py --curves        # kNN-only pipeline cost vs train images / categories, MuSc vs pool
+
+--mvtec-size and --curves live in scripts/bench_scale.py (see its docstring).
 
 The kNN sweep scores `--queries` images of 28 x 28 patches (224 px, stride 8) x 152 dims against random banks
 of 10k / 50k / 200k patches: images/s and the peak resident-memory growth of the search (Linux VmHWM after a
@@ -12,7 +16,7 @@ reset; the bank itself is allocated before the reset), next to the one-matrix-pe
 
 The MuSc curve scores random pools of `--musc-pools` images (`--musc-grid`^2 patches x `--musc-dim` dims) under
 `--musc-budget` MB (musc.max_memory_mb) and prints seconds, the peak resident-memory growth of the pair loop and
-the fitted exponent of each against the pool size (log-log least squares; plotted to reports/bench/musc.png);
+the fitted exponent of each against the pool size (log-log least squares; plotted to bench/musc.png);
 then the 200-image pool once more in one block (the unblocked path: every pair once, memory ~ N^2) as the baseline.
 
 Run from the repository root after `dvc repro` (it reads data/prepared/images.csv and params.yaml).
@@ -147,7 +151,8 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float:
 
 
 def plot_curve(name: str, xlabel: str, xs: list[float], series: dict[str, list[float]]) -> Path:
-    """reports/bench/<name>.png: one log-log panel per series (its fitted exponent in the title)."""
+    """bench/<name>.png: one log-log panel per series (its fitted exponent in the title). bench/ lies outside every
+    DVC output: reports/ is the evaluate stage's, which DVC empties before evaluate runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +165,7 @@ def plot_curve(name: str, xlabel: str, xs: list[float], series: dict[str, list[f
         ax.set_title(f"{label}: exponent {fit_exponent(xs, ys):.2f}")
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out = Path("reports/bench") / f"{name}.png"
+    out = Path("bench") / f"{name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -280,8 +285,36 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          musc_budget: float = typer.Option(64.0, help="musc.max_memory_mb of the MuSc curve"),
          musc_dim: int = typer.Option(152, help="patch descriptor dims of the MuSc curve"),
          musc_grid: int = typer.Option(28, help="patches per side of the MuSc curve's images"),
-         coreset_bank: int = typer.Option(50_176, help="bank rows of the coreset timing")) -> None:
+         coreset_bank: int = typer.Option(50_176, help="bank rows of the coreset timing"),
+         mvtec_size: bool = typer.Option(False, help="only the kNN-only and all-methods pipelines on an MVTec-AD-sized "
+                                                     "generated tree (+ anomalib PatchCore on two categories)"),
+         scale: float = typer.Option(1.0, help="--mvtec-size: fraction of the 240 train / 115 test images per category"),
+         pipelines: str = typer.Option("knn,all", help="--mvtec-size: knn (methods [knn], and the peer), all "
+                                                       "(params.yaml's methods), or both"),
+         peer_python: str = typer.Option("/tmp/fidelity/anomalib/bin/python",
+                                         help="--mvtec-size: python of the anomalib venv ('' = no peer)"),
+         curves: bool = typer.Option(False, help="only the cost curves (kNN-only pipeline vs train images and vs "
+                                                 "categories, MuSc vs pool size), plotted to bench/"),
+         train_grid: str = typer.Option("16,64,240", help="--curves: training images per category"),
+         category_grid: str = typer.Option("4,8,15", help="--curves: categories"),
+         curve_categories: int = typer.Option(4, help="--curves: categories of the training-images curve"),
+         curve_train: int = typer.Option(64, help="--curves: training images per category of the categories curve"),
+         curve_scale: float = typer.Option(0.1, help="--curves: test images per category, as a fraction of 115"),
+         work: Path = typer.Option(Path("/tmp/anomaly_core_bench_scale"),
+                                   help="--mvtec-size / --curves: scratch directory (generated trees kept)")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    if mvtec_size or curves:
+        import bench_scale
+
+        fixed_mmap_threshold()
+
+        if mvtec_size:
+            bench_scale.mvtec_size(scale, work, peer_python or None, pipelines=pipelines.split(","))
+        if curves:
+            bench_scale.cost_curves(work / "curves", ints(train_grid), ints(category_grid), curve_categories,
+                                    curve_train, curve_scale, ints(musc_pools), musc_budget)
+        return
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
     if predict:

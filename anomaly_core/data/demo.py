@@ -5,6 +5,11 @@ Categories
       grayscale photographs (fixed orientation), brightness jitter, per-category tint, noise.
     * objects ``washer`` (round ring, default) and ``nut`` (hexagonal, optional): a shaded,
       machined metal part drawn with numpy on a plain background, small pose/lighting jitter.
+    * further categories for an MVTec-AD-sized tree (``MVTEC_SIZED``: 15 categories, 5 textures and
+      10 objects, ~240 train and 115 test images each): textures ``lunar`` and ``tissue`` from two more
+      bundled photographs (``moon``, ``immunohistochemistry``) and eight more parts (polygon nuts and plates, a gasket, a
+      disc, ...) differing in outline, hole size, tint and rotation range. Adding them changes nothing of
+      the default categories' output (their photos, random draws and arithmetic are untouched).
 
 Defects (``DEFECT_TYPES``), each with size and contrast drawn per image so that subtle
 small defects and obvious large ones both occur:
@@ -33,7 +38,8 @@ from scipy import ndimage
 
 from anomaly_core.errors import ConfigError
 
-__all__ = ["generate_demo", "DEFAULT_CATEGORIES", "AVAILABLE_CATEGORIES", "DEFECT_TYPES", "render_sample"]
+__all__ = ["generate_demo", "DEFAULT_CATEGORIES", "AVAILABLE_CATEGORIES", "DEFECT_TYPES", "render_sample",
+           "MVTEC_SIZED", "mvtec_sized"]
 
 # category -> (photo name, RGB tint)
 TEXTURES: dict[str, tuple[str, tuple[float, float, float]]] = {
@@ -41,10 +47,56 @@ TEXTURES: dict[str, tuple[str, tuple[float, float, float]]] = {
     "grass": ("grass", (0.72, 1.0, 0.55)),
     "gravel": ("gravel", (1.0, 0.95, 0.86)),
 }
+# further textures (MVTec-AD-sized tree): category -> (photo name, RGB tint). Kept apart from TEXTURES: the
+# `foreign` defect draws its patch from TEXTURES' photos only, so the default categories' output is unchanged.
+EXTRA_TEXTURES: dict[str, tuple[str, tuple[float, float, float]]] = {
+    "lunar": ("moon", (0.92, 0.92, 1.0)),
+    "tissue": ("immunohistochemistry", (1.0, 0.85, 0.9)),
+}
 # category -> number of sides of the outer contour (0 = circle)
 OBJECTS: dict[str, int] = {"washer": 0, "nut": 6}
+
+
+@dataclass(frozen=True)
+class _Part:
+    """An object's drawing parameters: outline sides (0 = circle), hole radius / image side, metal tint (RGB),
+    rotation range (x the default +-0.25 rad)."""
+
+    sides: int
+    hole: float = 0.15
+    tint: tuple[float, float, float] = (0.95, 0.98, 1.04)
+    spin: float = 1.0
+
+
+# further objects (MVTec-AD-sized tree); washer and nut are _Part(0) and _Part(6)
+EXTRA_OBJECTS: dict[str, _Part] = {
+    "square_nut": _Part(4, 0.14, spin=3.0),
+    "triangle_plate": _Part(3, 0.10, (1.0, 0.97, 0.92), spin=4.0),
+    "pentagon_nut": _Part(5, 0.15, (0.98, 0.98, 0.98), spin=2.0),
+    "octagon_nut": _Part(8, 0.17, (0.92, 0.96, 1.08)),
+    "gasket": _Part(0, 0.28, (1.08, 0.82, 0.62)),  # a thin ring: below ~96 px a scratch may not fit on it
+    "brass_nut": _Part(6, 0.16, (1.1, 0.95, 0.6), spin=6.0),
+    "disc": _Part(0, 0.06, (0.8, 0.8, 0.84)),
+    "dodecagon": _Part(12, 0.2, (0.9, 0.95, 1.1), spin=2.0),
+}
 DEFAULT_CATEGORIES = ["brick", "grass", "gravel", "washer"]
-AVAILABLE_CATEGORIES = sorted([*TEXTURES, *OBJECTS])
+AVAILABLE_CATEGORIES = sorted([*TEXTURES, *EXTRA_TEXTURES, *OBJECTS, *EXTRA_OBJECTS])
+# an MVTec-AD-sized tree: 15 categories (5 textures, 10 objects), 240 train and 35 + 4 x 20 = 115 test images each
+MVTEC_SIZED: dict = {"categories": sorted([*TEXTURES, *EXTRA_TEXTURES, *OBJECTS, *EXTRA_OBJECTS]), "n_train": 240,
+                     "n_test_good": 35, "n_test_defect_per_type": 20, "size": 256}
+
+
+def mvtec_sized(scale: float = 1.0, categories: int | None = None) -> dict:
+    """generate_demo keyword arguments of the MVTec-AD-sized tree, image counts x `scale` (each at least 1), the
+    first `categories` of its 15 categories (default all). `generate_demo(root, seed, **mvtec_sized(0.1))`."""
+    if not 0 < scale <= 1:
+        raise ConfigError(f"MVTec-sized scale must be in (0, 1], got {scale}")
+    cats = MVTEC_SIZED["categories"]
+    n_cat = len(cats) if categories is None else int(categories)
+    if not 1 <= n_cat <= len(cats):
+        raise ConfigError(f"MVTec-sized categories must be 1..{len(cats)}, got {categories}")
+    out = {k: max(1, round(v * scale)) for k, v in MVTEC_SIZED.items() if k.startswith("n_")}
+    return {**out, "categories": cats[:n_cat], "size": MVTEC_SIZED["size"]}
 DEFECT_TYPES = ("scratch", "hole", "stain", "foreign")
 
 _CROP_FRACTION = 5 / 8  # texture crop side relative to the 512 px photo
@@ -64,10 +116,20 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
 @lru_cache(maxsize=1)
 def _photos() -> dict[str, np.ndarray]:
     """scikit-image's bundled grayscale photos, loaded once: name -> uint8 [512, 512]."""
+    return _load_photos(tuple(sorted({p for p, _ in TEXTURES.values()})))
+
+
+@lru_cache(maxsize=1)
+def _extra_photos() -> dict[str, np.ndarray]:
+    """The photos of EXTRA_TEXTURES (colour ones as luminance): name -> uint8 [H, W]."""
+    return _load_photos(tuple(sorted({p for p, _ in EXTRA_TEXTURES.values()})))
+
+
+def _load_photos(names: tuple[str, ...]) -> dict[str, np.ndarray]:
     from skimage import data as skdata  # lazy: importing skimage is slow
 
     out = {}
-    for name in sorted({p for p, _ in TEXTURES.values()}):
+    for name in names:
         img = np.asarray(getattr(skdata, name)())
         if img.ndim == 3:  # future-proof: colour version -> luminance
             img = (img[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
@@ -102,8 +164,13 @@ def _texture_gray(rng: np.random.Generator, photo: np.ndarray, size: int) -> np.
 
 def _texture_image(rng: np.random.Generator, category: str, size: int) -> np.ndarray:
     """Normal texture image: float32 [size, size, 3] in 0..255."""
-    photo_name, tint = TEXTURES[category]
-    gray = _texture_gray(rng, _photos()[photo_name], size)
+    if category in TEXTURES:
+        photo_name, tint = TEXTURES[category]
+        photo = _photos()[photo_name]
+    else:
+        photo_name, tint = EXTRA_TEXTURES[category]
+        photo = _extra_photos()[photo_name]
+    gray = _texture_gray(rng, photo, size)
     gray = gray * rng.uniform(0.92, 1.08) + rng.uniform(-6.0, 6.0)
     tint_j = np.asarray(tint, np.float32) * rng.uniform(0.98, 1.02, 3).astype(np.float32)
     img = gray[:, :, None] * tint_j + 2.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
@@ -129,9 +196,10 @@ def _object_image(rng: np.random.Generator, category: str, size: int) -> tuple[n
     cy, cx = size / 2 + rng.uniform(-0.04, 0.04, 2) * size
     dx, dy = xx - cx, yy - cy
     r = np.hypot(dx, dy)
-    sides = OBJECTS[category]
-    outer = _outer_distance(dx, dy, sides, float(rng.uniform(-0.25, 0.25)))
-    inside = np.minimum(0.36 * size - outer, r - 0.15 * size)  # >0 in the material, px
+    part = _Part(OBJECTS[category]) if category in OBJECTS else EXTRA_OBJECTS[category]
+    theta = float(rng.uniform(-0.25, 0.25))
+    outer = _outer_distance(dx, dy, part.sides, theta if part.spin == 1.0 else theta * part.spin)
+    inside = np.minimum(0.36 * size - outer, r - part.hole * size)  # >0 in the material, px
     alpha = np.clip(inside + 0.5, 0.0, 1.0)
 
     bevel = 0.05 * size
@@ -145,7 +213,7 @@ def _object_image(rng: np.random.Generator, category: str, size: int) -> tuple[n
     metal = rng.uniform(140, 165) * (0.45 + 0.65 * lambert)
     metal += 5.0 * np.sin(2 * np.pi * r / max(size / 36, 2.0))  # machining marks
     metal += rng.uniform(18, 32) * np.exp(-(((r - r_mid) / (0.07 * size)) ** 2))  # specular band
-    metal_rgb = metal[:, :, None] * np.array([0.95, 0.98, 1.04], np.float32)
+    metal_rgb = metal[:, :, None] * np.array(part.tint, np.float32)
 
     bg = np.array([44, 48, 54], np.float32) * rng.uniform(0.9, 1.1)
     bg_img = bg + (yy / size - 0.5)[:, :, None] * 10.0
@@ -159,7 +227,7 @@ def _object_image(rng: np.random.Generator, category: str, size: int) -> tuple[n
 
 def _normal_image(rng: np.random.Generator, category: str, size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(image float32 [S, S, 3], allowed defect region bool [S, S] or None = everywhere)."""
-    if category in TEXTURES:
+    if category in TEXTURES or category in EXTRA_TEXTURES:
         return _texture_image(rng, category, size), None
     return _object_image(rng, category, size)
 
@@ -292,7 +360,8 @@ def _apply_defect(
     defect_px: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one defect. Returns (image float32 [S,S,3], mask bool [S,S] == changed region)."""
-    ctx = {"photo": TEXTURES[category][0] if category in TEXTURES else None}
+    texture = TEXTURES.get(category) or EXTRA_TEXTURES.get(category)
+    ctx = {"photo": texture[0] if texture else None}
     for _ in range(50):
         spec = _draw_spec(rng, img.shape[0], allowed, defect_px)
         target, alpha = _DEFECTS[defect](rng, img, spec, ctx)
@@ -316,7 +385,7 @@ def render_sample(
         (clean uint8 [S,S,3], image uint8 [S,S,3], mask bool [S,S]); for ``defect=None``
         image == clean and the mask is all False.
     """
-    if category not in TEXTURES and category not in OBJECTS:
+    if category not in AVAILABLE_CATEGORIES:
         raise ConfigError(f"unknown demo category {category!r}; available: {AVAILABLE_CATEGORIES}")
     rng = _rng(seed, "demo", category, key)
     clean, allowed = _normal_image(rng, category, size)
@@ -392,7 +461,7 @@ def generate_demo(
     """
     cats = list(DEFAULT_CATEGORIES if categories is None else categories)
     for cat in cats:
-        if cat not in TEXTURES and cat not in OBJECTS:
+        if cat not in AVAILABLE_CATEGORIES:
             raise ConfigError(f"unknown demo category {cat!r}; available: {AVAILABLE_CATEGORIES}")
     if size < 32:
         raise ConfigError(f"demo image size must be >= 32, got {size}")
@@ -403,6 +472,8 @@ def generate_demo(
     counts = {"train": n_train, "test_good": n_test_good, "defect": n_test_defect_per_type}
     jobs = [job for cat in cats for job in _category_jobs(root, cat, counts)]
     _photos()  # load once before the worker threads start
+    if any(c in EXTRA_TEXTURES for c in cats):
+        _extra_photos()
     # every image has its own Generator, so the thread schedule cannot change the output
     with ThreadPoolExecutor(max_workers=_n_workers()) as pool:
         list(pool.map(lambda job: _write_image(root, seed, size, job, defect_px), jobs))
