@@ -167,10 +167,11 @@ def _grid_logits(tokens: torch.Tensor, anchors: torch.Tensor, grid: int, scale: 
 
 def similarity_map(tokens: torch.Tensor, anchors: torch.Tensor, grid: int, out_size: int,
                    scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """tokens [B, L, E], anchors [B, 2, E] -> logits [B, 2, out, out] (bilinear upsampling of the grid;
-    apply softmax over dim 1 for the training probabilities)."""
+    """tokens [B, L, E], anchors [B, 2, E] -> logits [B, 2, out, out] (bilinear upsampling of the grid with
+    align_corners=True, as AA-CLIP's forward_utils.calculate_similarity_map; apply softmax over dim 1 for the
+    training probabilities)."""
     logits = _grid_logits(tokens, anchors, grid, scale)
-    return F.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=True)
 
 
 def test_map(tokens: torch.Tensor | Sequence[torch.Tensor], anchors: torch.Tensor, grid: int, out_size: int,
