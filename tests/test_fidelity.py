@@ -78,3 +78,106 @@ def test_knn_coreset_size_picks_and_scores_match_anomalib(knn):
     patch = d2.sqrt().reshape(q.shape[0], -1)
     assert _rel(patch, off["patch"]) < 1e-4
     assert _rel(reweight_scores(patch, ids.reshape(q.shape[0], -1), q, bank, 9), off["image"]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- AA-CLIP
+# tests/fixtures/fidelity/aaclip.pt: small seeded tensors through Mwxinnn/AA-CLIP's own modules
+# (model/adapter_modules.py), forward_utils.calculate_similarity_map / calculate_seg_loss and train.py's stage-1 /
+# stage-2 loss composition, plus the official prompts and tokenizer ids (scripts/fidelity/check_aaclip.py;
+# the ViT-L-14-336 comparison itself needs the peer and runs in the harness only).
+
+
+@pytest.fixture(scope="module")
+def aaclip():
+    return torch.load(FIX / "aaclip.pt", weights_only=False)
+
+
+def test_aaclip_official_style_modules_match_official(aaclip):
+    from anomaly_core.methods.aaclip.modules import SimpleAdapter, SimpleProj
+
+    inp, off = aaclip["inputs"], aaclip["official"]
+    width, out_dim = inp["x"].shape[-1], inp["w_proj"].shape[0]
+    ad, pr, pn = (SimpleAdapter(width, style="official"), SimpleProj(width, out_dim, True, "official"),
+                  SimpleProj(width, out_dim, False, "official"))
+    assert [n for n, _ in ad.named_parameters()] == ["fc.weight"] and pn.fc.bias is None  # bias-free, no bottleneck
+    with torch.no_grad():
+        ad.fc.weight.copy_(inp["w_adapter"])
+        pr.fc.weight.copy_(inp["w_proj"])
+        pn.fc.weight.copy_(inp["w_proj"])
+        for mod, key in ((ad, "adapter"), (pr, "proj_relu"), (pn, "proj")):
+            assert _rel(mod(inp["x"]), off[key]) < 1e-6, key
+    assert not torch.allclose(off["proj_relu"], off["proj"])  # the LeakyReLU(0.01) acts on these inputs
+
+
+def test_aaclip_training_map_and_losses_match_official(aaclip):
+    """similarity_map (align_corners=True, as calculate_similarity_map), seg_loss, the stage-1 per-level loss
+    (the fix off = one level) and the stage-2 loss with raw-cosine CE reproduce the official values; the fixed
+    stage-1 loss is the sum over levels, not the official last-level value."""
+    import torch.nn.functional as F
+
+    from anomaly_core.kit.losses import seg_loss
+    from anomaly_core.methods.aaclip.core import image_stage_loss, similarity_map, text_stage_loss
+
+    inp, off = aaclip["inputs"], aaclip["official"]
+    anchors = inp["text"].transpose(1, 2)  # official [B, E, 2] -> [B, 2, E]
+    grid, size, masks = int(inp["patch"].shape[1] ** 0.5), inp["masks"].shape[-1], inp["masks"][:, 0]
+    probs = similarity_map(inp["patch"], anchors, grid, size).softmax(dim=1)
+    assert _rel(probs, off["probs"]) < 1e-4
+    assert _rel(seg_loss(probs, masks), off["seg_loss"]) < 1e-5
+    per_level = torch.stack([text_stage_loss([t], inp["global"], masks, anchors, grid, 0.1)[0] for t in inp["levels"]])
+    assert _rel(per_level, off["text_loss_per_level"]) < 1e-5
+    fixed = text_stage_loss(inp["levels"], inp["global"], masks, anchors, grid, 0.1)[0]
+    official_sum = (off["text_loss_per_level"] - 0.1 * off["orth"]).sum() + 0.1 * off["orth"]
+    assert _rel(fixed, official_sum) < 1e-5
+    assert fixed > 1.5 * off["text_loss_per_level"][-1]  # train.py keeps the last level only; ours sums them
+    seg = [F.normalize(t, dim=-1) for t in inp["levels"]]
+    loss2 = image_stage_loss(seg, inp["det"], anchors, masks, inp["labels"], grid, ce_scale=1.0)[0]
+    assert _rel(loss2, off["image_loss"]) < 1e-5
+
+
+def test_aaclip_tokenizer_matches_official_prompt_ids(aaclip):
+    from anomaly_core.backbones.clip import register_configs
+
+    import open_clip
+
+    register_configs()
+    normal, abnormal = aaclip["prompts"]
+    assert (len(normal), len(abnormal)) == (6, 10)
+    assert torch.equal(open_clip.get_tokenizer("ViT-L-14-336")(normal + abnormal), aaclip["token_ids"])
+
+
+def test_aaclip_official_style_checkpoint_round_trip(tmp_path):
+    """The style is stored with the adapters: an official-style checkpoint loads back as official modules."""
+    from anomaly_core.backbones import create_backbone
+    from anomaly_core.methods.aaclip.checkpoints import (
+        load_image_adapters,
+        load_text_adapters,
+        save_image_adapters,
+        save_text_adapters,
+    )
+    from anomaly_core.methods.aaclip.modules import ImageAdapters, TextAdapters
+
+    bb = create_backbone("anomaly-core-tiny-clip", None, [2, 4])
+    ta = TextAdapters.for_backbone(bb, 2, 0.1, "official")
+    ia = ImageAdapters.for_backbone(bb, 2, 0.1, "official")
+    save_text_adapters(tmp_path / "t.pt", ta, torch.zeros(1, 2, bb.embed_dim), ["x"], "tiny")
+    save_image_adapters(tmp_path / "i.pt", ia, "tiny")
+    ta2, _ = load_text_adapters(tmp_path / "t.pt", bb, "tiny")
+    ia2 = load_image_adapters(tmp_path / "i.pt", bb, "tiny")
+    assert (ta2.style, ia2.style) == ("official", "official")
+    assert torch.equal(ta2.final_proj.fc.weight, ta.final_proj.fc.weight) and ta2.final_proj.fc.bias is None
+    x = torch.randn(1, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        (_, d1), (_, d2) = ia(bb, x), ia2(bb, x)
+    assert torch.equal(d1, d2) and d1.norm() < 1.0 - 1e-3  # det token not re-normalised (mean of unit vectors)
+
+
+def test_aaclip_adapter_style_is_validated():
+    from anomaly_core.errors import ConfigError
+    from anomaly_core.methods.aaclip.core import ImageAdapterConfig, TextAdapterConfig
+
+    for cfg, key in ((TextAdapterConfig(adapter="paper"), "aaclip_text.adapter"),
+                     (ImageAdapterConfig(adapter="paper"), "aaclip_image.adapter")):
+        with pytest.raises(ConfigError, match=key):
+            cfg.validate()
+    ImageAdapterConfig(adapter="official").validate()

@@ -46,7 +46,7 @@ def save_text_adapters(path: str | Path, adapters: TextAdapters, anchors: torch.
         raise ValueError(f"{anchors.shape[0]} anchor pairs for {len(class_names)} class names")
     save_checkpoint(path, TEXT_KIND, arch_name, _cpu_state(adapters), anchors=anchors.detach().cpu().float(),
                     class_names=list(class_names),
-                    config={"until": adapters.until, "weight": adapters.weight,
+                    config={"until": adapters.until, "weight": adapters.weight, "style": adapters.style,
                             "text_width": adapters.text_width, "embed_dim": adapters.embed_dim})
 
 
@@ -55,7 +55,8 @@ def load_text_adapters(path: str | Path, backbone, arch_name: str) -> tuple[Text
     obj = load_checkpoint(path, TEXT_KIND, arch_name)
     cfg = obj.get("config", {})
     try:
-        adapters = TextAdapters.for_backbone(backbone, int(cfg.get("until", -1)), float(cfg.get("weight", 0.1)))
+        adapters = TextAdapters.for_backbone(backbone, int(cfg.get("until", -1)), float(cfg.get("weight", 0.1)),
+                                             str(cfg.get("style", "project")))
     except ConfigError as exc:
         raise WeightsError(f"{path}: does not fit backbone {backbone.name}: {exc}") from exc
     _load_state(path, adapters, obj["state_dict"])
@@ -69,7 +70,8 @@ def load_text_adapters(path: str | Path, backbone, arch_name: str) -> tuple[Text
 def save_image_adapters(path: str | Path, adapters: ImageAdapters, arch_name: str, **extra) -> None:
     """Save image adapters (plus JSON-like `extra`, e.g. the selected epoch)."""
     save_checkpoint(path, IMAGE_KIND, arch_name, _cpu_state(adapters),
-                    config={"until": adapters.until, "weight": adapters.weight, "width": adapters.width,
+                    config={"until": adapters.until, "weight": adapters.weight, "style": adapters.style,
+                            "width": adapters.width,
                             "embed_dim": adapters.embed_dim, "n_levels": adapters.n_levels}, **extra)
 
 
@@ -81,7 +83,8 @@ def load_image_adapters(path: str | Path, backbone, arch_name: str) -> ImageAdap
         raise WeightsError(f"{path}: trained with {cfg.get('n_levels')} feature levels, backbone {backbone.name} "
                            f"is configured with {len(backbone.levels)} ({backbone.levels}); re-train it")
     try:
-        adapters = ImageAdapters.for_backbone(backbone, int(cfg.get("until", -1)), float(cfg.get("weight", 0.1)))
+        adapters = ImageAdapters.for_backbone(backbone, int(cfg.get("until", -1)), float(cfg.get("weight", 0.1)),
+                                              str(cfg.get("style", "project")))
     except ConfigError as exc:
         raise WeightsError(f"{path}: does not fit backbone {backbone.name}: {exc}") from exc
     _load_state(path, adapters, obj["state_dict"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import kornia
 import torch
@@ -15,7 +15,7 @@ from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.kit.losses import orthogonal_loss, seg_loss
 from anomaly_core.kit.maps import mix_image_score
 from anomaly_core.kit.prompts import build_prompts
-from anomaly_core.methods.aaclip.modules import ImageAdapters, TextAdapters
+from anomaly_core.methods.aaclip.modules import ADAPTER_STYLES, ImageAdapters, TextAdapters
 
 __all__ = [
     "LOGIT_SCALE", "TextAdapterConfig", "ImageAdapterConfig", "class_anchors", "encode_prompts",
@@ -40,10 +40,12 @@ class TextAdapterConfig:
     adapt_weight: float = 0.1
     text_norm_weight: float = 0.1
     seed: int = 0
+    adapter: str = "project"   # project | official (Mwxinnn/AA-CLIP's modules; see modules.ADAPTER_STYLES)
 
     def validate(self, section: str = "aaclip_text") -> None:
         Checks(section).positive(batch_size=self.batch_size, lr=self.lr) \
             .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, text_norm_weight=self.text_norm_weight) \
+            .that(self.adapter in ADAPTER_STYLES, "adapter", self.adapter, f"one of {list(ADAPTER_STYLES)}") \
             .unit(adapt_weight=self.adapt_weight).done()
 
 
@@ -66,12 +68,14 @@ class ImageAdapterConfig:
     image_weight: float = 0.5
     seed: int = 0
     augment: bool = True
+    adapter: str = "project"   # project | official (AA-CLIP's modules, raw-cosine CE; modules.ADAPTER_STYLES)
 
     def validate(self, section: str = "aaclip_image") -> None:
         Checks(section).positive(batch_size=self.batch_size, accum_steps=self.accum_steps, lr=self.lr,
                                  gamma=self.gamma, image_size=self.image_size, ksize=self.ksize) \
             .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, sigma=self.sigma) \
             .that(self.ksize % 2 == 1, "ksize", self.ksize, "must be odd") \
+            .that(self.adapter in ADAPTER_STYLES, "adapter", self.adapter, f"one of {list(ADAPTER_STYLES)}") \
             .that(all(m > 0 for m in self.milestones), "milestones", self.milestones, "optimizer steps > 0") \
             .unit(adapt_weight=self.adapt_weight, image_weight=self.image_weight).done()
 
@@ -122,16 +126,18 @@ def encode_prompts(backbone, token_ids: torch.Tensor, adapters: TextAdapters | N
         return backbone.encode_text(ids, hook=hook, final=final)
 
 
-def class_anchors(backbone, text_adapters: TextAdapters | None, class_names: Sequence[str]) -> torch.Tensor:
+def class_anchors(backbone, text_adapters: TextAdapters | None, class_names: Sequence[str],
+                  prompts: Callable[[str], tuple[list[str], list[str]]] = build_prompts) -> torch.Tensor:
     """Class names -> [C, 2, E] normalised (normal, abnormal) anchors from the prompt ensemble.
 
     Each anchor is the normalised mean of the normalised prompt embeddings. No torch.no_grad here:
     gradients reach the text adapters when they train (wrap the call yourself for inference).
+    `prompts(class name) -> (normal prompts, abnormal prompts)` (default: the kit's ensemble).
     """
     device = next(backbone.parameters()).device
     out = []
     for name in class_names:
-        normal, abnormal = build_prompts(name)
+        normal, abnormal = prompts(name)
         ids = backbone.tokenize(normal + abnormal).to(device)  # [Pn + Pa, 77]
         emb = F.normalize(encode_prompts(backbone, ids, text_adapters), dim=-1)  # [Pn + Pa, E]
         groups = [emb[: len(normal)].mean(0), emb[len(normal):].mean(0)]
@@ -161,10 +167,11 @@ def _grid_logits(tokens: torch.Tensor, anchors: torch.Tensor, grid: int, scale: 
 
 def similarity_map(tokens: torch.Tensor, anchors: torch.Tensor, grid: int, out_size: int,
                    scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """tokens [B, L, E], anchors [B, 2, E] -> logits [B, 2, out, out] (bilinear upsampling of the grid;
-    apply softmax over dim 1 for the training probabilities)."""
+    """tokens [B, L, E], anchors [B, 2, E] -> logits [B, 2, out, out] (bilinear upsampling of the grid with
+    align_corners=True, as AA-CLIP's forward_utils.calculate_similarity_map; apply softmax over dim 1 for the
+    training probabilities)."""
     logits = _grid_logits(tokens, anchors, grid, scale)
-    return F.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=True)
 
 
 def test_map(tokens: torch.Tensor | Sequence[torch.Tensor], anchors: torch.Tensor, grid: int, out_size: int,
@@ -207,13 +214,15 @@ def text_stage_loss(levels: Sequence[torch.Tensor], global_emb: torch.Tensor, ma
 
 
 def image_stage_loss(seg_tokens: Sequence[torch.Tensor], det: torch.Tensor, anchors: torch.Tensor,
-                     masks: torch.Tensor, labels: torch.Tensor, grid: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Stage-2 loss: CE(LOGIT_SCALE * det . anchors, label) + SUM over levels of seg_loss.
+                     masks: torch.Tensor, labels: torch.Tensor, grid: int, ce_scale: float = LOGIT_SCALE
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-2 loss: CE(ce_scale * det . anchors, label) + SUM over levels of seg_loss.
 
     seg_tokens: [B, L, E] normalised per level; det [B, E]; anchors [B, 2, E]; masks [B, S, S];
-    labels [B] (0 normal, 1 anomalous) -> (scalar loss, float parts).
+    labels [B] (0 normal, 1 anomalous) -> (scalar loss, float parts). AA-CLIP's train.py uses ce_scale 1
+    (raw cosines; the `official` adapter style does too).
     """
-    logits = LOGIT_SCALE * (det[:, None, :] * anchors).sum(-1)  # [B, 2]
+    logits = ce_scale * (det[:, None, :] * anchors).sum(-1)  # [B, 2]
     cls = F.cross_entropy(logits.float(), labels.long())
     seg = det.new_zeros((), dtype=torch.float32)
     for t in seg_tokens:

@@ -16,6 +16,7 @@ from anomaly_core.distributed import rank as dist_rank
 from anomaly_core.distributed import world_size as dist_world
 from anomaly_core.errors import DataError
 from anomaly_core.methods.aaclip.core import (
+    LOGIT_SCALE,
     ImageAdapterConfig,
     TextAdapterConfig,
     check_image_size,
@@ -124,7 +125,7 @@ def train_text_adapters(backbone, data: Sequence[dict[str, Any]], cfg: TextAdapt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        adapters = TextAdapters.for_backbone(backbone, cfg.adapt_until, cfg.adapt_weight).to(device)
+        adapters = TextAdapters.for_backbone(backbone, cfg.adapt_until, cfg.adapt_weight, cfg.adapter).to(device)
         history = [{"epoch": 0, "loss": _text_eval_loss(backbone, adapters, data, index, n_levels, cfg)}]
         opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr, betas=BETAS)
         for epoch in range(1, cfg.epochs + 1):
@@ -244,10 +245,15 @@ def evaluate_image_adapters(backbone, adapters: ImageAdapters, anchors_by_class:
         a = stack_anchors(anchors_by_class, [names[i] for i in idx]).to(device).float()
         seg, det = adapters(backbone, x)
         seg, det = [t.float() for t in seg], det.float()
-        loss, _ = image_stage_loss(seg, det, a, m, labels[idx].to(device), backbone.grid)
+        loss, _ = image_stage_loss(seg, det, a, m, labels[idx].to(device), backbone.grid, ce_scale(adapters))
         total += float(loss) * len(idx)
         maps.append(test_map(seg, a, backbone.grid, masks.shape[-1], cfg.sigma, cfg.ksize).cpu())
     return {"val_loss": total / len(images), "val_pixel_auroc": _pixel_auroc(torch.cat(maps), masks, cfg.seed)}
+
+
+def ce_scale(adapters: ImageAdapters) -> float:
+    """Stage-2 cross-entropy logit scale: LOGIT_SCALE, or 1 (raw cosines, as AA-CLIP) for the official style."""
+    return 1.0 if adapters.style == "official" else LOGIT_SCALE
 
 
 def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
@@ -308,7 +314,7 @@ def _image_epoch(backbone, model, anchors_by_class, train: ImageSet, cfg: ImageA
                 with amp():
                     seg, det = model(backbone, x)
                 loss, parts = image_stage_loss([t.float() for t in seg], det.float(), a, m, labels[idx].to(device),
-                                               backbone.grid)
+                                               backbone.grid, ce_scale(adapters))
                 scaler.scale(loss * w).backward()
             if w:
                 for key, v in {"loss": float(loss.detach()), **parts}.items():
@@ -359,7 +365,7 @@ def train_image_adapters(backbone, anchors_by_class: dict[str, torch.Tensor], tr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        adapters = ImageAdapters.for_backbone(backbone, cfg.adapt_until, cfg.adapt_weight).to(device)
+        adapters = ImageAdapters.for_backbone(backbone, cfg.adapt_until, cfg.adapt_weight, cfg.adapter).to(device)
         model = _data_parallel(adapters, device)
         torch.manual_seed(cfg.seed + dist_rank())  # per-rank global RNG (the training draws come from `gen`)
         opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr, betas=BETAS)
