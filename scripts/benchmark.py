@@ -229,13 +229,53 @@ def bench_knn_bundle(root: Path, params: dict, n_train: int, n_test: int, corese
     bp = {"data": {"image_size": params["data"]["image_size"]}, "seed": 0, "features": {"dtype": "float16"},
           "backbones": {"visual": params["backbones"]["visual"]}, "score": {"knn": {"knn": asdict(kcfg)}}}
     inputs = BundleInputs(rows=rows, features=root / "features", models=root / "models", params=bp, method="knn")
-    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": {}})
+    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": {cat: {"image": 0.0}}})
     return root / "bundle", [r.image for r in rows if r.split == "test"][:n_test], cat
 
 
-def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repeats: int = 2) -> None:
+def bare_forward_threads(bb, batches: list[torch.Tensor], workers: int) -> None:
+    """The bare forward in predict's layout: `workers` batches at once, one torch thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(lambda b: bare_forward(bb, [b]), batches))
+    finally:
+        torch.set_num_threads(prev)
+
+
+@torch.no_grad()
+def predict_breakdown(model, paths: list[str], cat: str, batch_size: int) -> dict[str, float]:
+    """Seconds per step of predict's hot path, one batch at a time on torch's threads (no overlap): decode+resize,
+    preprocess, backbone, cast to the cache dtype + patch descriptors, kNN search + maps + image scores."""
+    from anomaly_core.features import load_batch
+
+    bb, out = model.backbone, dict.fromkeys(("decode", "preprocess", "backbone", "descriptors", "knn"), 0.0)
+    for i in range(0, len(paths), batch_size):
+        t0 = time.perf_counter()
+        images = load_batch(paths[i : i + batch_size], model.image_size)
+        t1 = time.perf_counter()
+        x = preprocess(images, bb.image_size, bb.mean, bb.std)
+        t2 = time.perf_counter()
+        feats = bb(x)
+        t3 = time.perf_counter()
+        grid = model.descriptors([lvl.to(model.dtype).float() for lvl in feats["levels"]])
+        t4 = time.perf_counter()
+        model.knn(cat).predict(grid, model.size)
+        t5 = time.perf_counter()
+        for key, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            out[key] += dt
+    return out
+
+
+def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repeats: int = 3) -> None:
     """predict's images/s on a kNN bundle (coreset 0.1) next to the bare backbone forward on the same images
-    (already decoded) in the same run, and the single-image latency (decode to score) p50 / p99."""
+    (already decoded) in the same run, rounds interleaved (the shared machine's load drifts; best of `repeats`):
+    the bare forward on torch's threads (one batch at a time) and in predict's layout (one batch per thread),
+    predict with its default workers and with one (the previous layout); the hot path's time per step; the
+    single-image latency (decode to score) p50 / p99."""
     import tempfile
 
     import numpy as np
@@ -247,13 +287,23 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
     with tempfile.TemporaryDirectory() as tmp:
         bundle, paths, cat = bench_knn_bundle(Path(tmp), params, n_train, n_test)
         model = load_predictor(bundle)
-        bb = model.backbone
+        bb, threads = model.backbone, torch.get_num_threads()
         batches = [load_batch(paths[i : i + batch_size], bb.image_size) for i in range(0, len(paths), batch_size)]
         bare_forward(bb, batches[:1])  # warm-up
         predict_files(bundle, paths[:batch_size], Path(tmp) / "warm", cat, batch_size=batch_size, progress=False)
-        t_bare = min(timed(bare_forward, bb, batches)[0] for _ in range(repeats))
-        t_pred = min(timed(predict_files, bundle, paths, Path(tmp) / "out", cat, batch_size=batch_size,
-                           progress=False)[0] for _ in range(repeats))
+        runs: dict[str, list[float]] = {"bare": [], "bare_layout": [], "predict": [], "predict_1": [],
+                                        "predict_heatmaps": []}
+        for _ in range(repeats):
+            runs["bare"].append(timed(bare_forward, bb, batches)[0])
+            runs["bare_layout"].append(timed(bare_forward_threads, bb, batches, threads)[0])
+            runs["predict"].append(timed(predict_files, bundle, paths, Path(tmp) / "out", cat, batch_size=batch_size,
+                                         progress=False)[0])
+            runs["predict_1"].append(timed(predict_files, bundle, paths, Path(tmp) / "out1", cat,
+                                           batch_size=batch_size, progress=False, workers=1)[0])
+            runs["predict_heatmaps"].append(timed(predict_files, bundle, paths, Path(tmp) / "outh", cat,
+                                                  batch_size=batch_size, progress=False, heatmaps=True)[0])
+        best = {k: min(v) for k, v in runs.items()}
+        steps = predict_breakdown(model, paths, cat, batch_size)
         lat = []
         for p in paths[: min(len(paths), 40)]:
             t0 = time.perf_counter()
@@ -261,10 +311,18 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
             lat.append(time.perf_counter() - t0)
         p50, p99 = np.percentile(np.array(lat) * 1e3, [50, 99])
         n = len(paths)
+        rate = {k: n / v for k, v in best.items()}
         print(f"predict, kNN bundle (coreset 0.1, bank {model.bank(cat).shape[0]} x {model.bank(cat).shape[1]}), "
-              f"{n} images 256 px -> {bb.image_size}, batch {batch_size}, threads {torch.get_num_threads()}:")
-        print(f"   bare backbone forward {n / t_bare:6.1f} img/s | predict {n / t_pred:6.1f} img/s | "
-              f"ratio {t_bare / t_pred:.2f} | single image p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+              f"{n} images 256 px -> {bb.image_size}, batch {batch_size}, threads {threads}, best of {repeats}:")
+        print(f"   bare backbone forward {rate['bare']:6.1f} img/s (torch threads) | {rate['bare_layout']:6.1f} img/s "
+              f"({threads} batches at 1 thread each)", flush=True)
+        print(f"   predict {rate['predict']:6.1f} img/s: ratio {rate['predict'] / rate['bare']:.2f} to the bare forward, "
+              f"{rate['predict'] / rate['bare_layout']:.2f} to the bare forward in its layout | one batch at a time "
+              f"(workers=1) {rate['predict_1']:6.1f} img/s, ratio {rate['predict_1'] / rate['bare']:.2f} | with "
+              f"heatmaps {rate['predict_heatmaps']:6.1f} img/s, ratio {rate['predict_heatmaps'] / rate['bare']:.2f}")
+        total = sum(steps.values())
+        print("   hot path, one batch at a time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in steps.items()))
+        print(f"   single image (decode to score) p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
 
 
 @app.command()

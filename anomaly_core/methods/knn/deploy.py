@@ -11,6 +11,7 @@ blocked exact search, the ONNX graph with `kit.knn.dense_search` (one block, tra
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +62,7 @@ class Predictor:
     """The PyTorch engine of a kNN bundle: uint8 images [B, S, S, 3] -> (image scores [B], maps [B, size, size])."""
 
     transductive = False
+    concurrent = True  # a call keeps no state on the object: predict scores batches on several threads at once
 
     def __init__(self, bundle: str | Path, card: dict | None = None):
         self.bundle = Path(bundle)
@@ -74,18 +76,21 @@ class Predictor:
         self.dtype = getattr(torch, self.card["features_dtype"])
         self._banks: dict[str, torch.Tensor] = {}
         self._knn: dict[str, PatchKnn] = {}
+        self._lock = threading.RLock()  # concurrent calls load a category's bank once
 
     def bank(self, category: str) -> torch.Tensor:
-        if category not in self._banks:
-            require_category(self.card, category)
-            self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
-        return self._banks[category]
+        with self._lock:
+            if category not in self._banks:
+                require_category(self.card, category)
+                self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
+            return self._banks[category]
 
     def knn(self, category: str) -> PatchKnn:
         """The category's search (its bank's squared norms computed once, not per batch)."""
-        if category not in self._knn:
-            self._knn = {category: PatchKnn(self.bank(category), self.cfg)}
-        return self._knn[category]
+        with self._lock:
+            if category not in self._knn:
+                self._knn = {category: PatchKnn(self.bank(category), self.cfg)}
+            return self._knn[category]
 
     def descriptors(self, levels: list[torch.Tensor]) -> torch.Tensor:
         """Backbone levels (float32, after the cache-dtype round trip) -> patch descriptors [B, h, w, D]."""
