@@ -5,6 +5,8 @@
     python scripts/benchmark.py --knn-only      # only the kNN bank sweep and coreset timing (no data needed)
     python scripts/benchmark.py --predict       # predict (kNN bundle, coreset 0.1) vs the bare backbone forward
     python scripts/benchmark.py --musc          # MuSc pair loop: time and peak memory vs pool size (no data needed)
+    python scripts/benchmark.py --overhead      # stage start-up + imports, dvc repro with nothing to do
+    python scripts/benchmark.py --overhead --overhead-full   # also dvc repro -f split into compute and overhead
 
 The kNN sweep scores `--queries` images of 28 x 28 patches (224 px, stride 8) x 152 dims against random banks
 of 10k / 50k / 200k patches: images/s and the peak resident-memory growth of the search (Linux VmHWM after a
@@ -325,6 +327,82 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
         print(f"   single image (decode to score) p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
 
 
+def _wall(cmd: list[str], env: dict | None = None) -> float:
+    """Seconds of one subprocess run (output discarded; a failure stops the benchmark with its stderr)."""
+    import os
+
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if res.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
+
+
+def stage_scripts() -> dict[str, str]:
+    """{stage name as `dvc stage list` expands it (fit@knn, ...): its script module (stages.fit)} from dvc.yaml."""
+    import re
+
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    names = subprocess.run(["dvc", "stage", "list", "--name-only"], check=True, capture_output=True,
+                           text=True).stdout.split()
+    out = {}
+    for name in names:
+        spec = stages[name.split("@")[0]]
+        cmd = (spec.get("do") or spec)["cmd"]
+        out[name] = "stages." + re.search(r"stages/(\w+)\.py", cmd).group(1)
+    return out
+
+
+def stage_overhead(full: bool, repeats: int = 2) -> None:
+    """The demo `dvc repro` split into the stages' compute and the overhead around it, in one run:
+
+    - process start-up: `python -c pass`, and per stage script `python -c "import stages.<x>"` (interpreter +
+      its module-level imports; best of `repeats`), summed over the stages `dvc stage list` expands;
+    - DVC with nothing to do: `dvc status` and `dvc repro` on an up-to-date workspace (lock and hash checks);
+    - with `full`: `dvc repro -f` with ANOMALY_CORE_STAGE_TIMES set, so each stage process records its start-up
+      (process start to its main) and its main's seconds; overhead = repro wall - the mains' seconds, split into
+      the processes' start-up and DVC's own share (the rest)."""
+    import json
+    import sys
+    import tempfile
+    from collections import Counter
+
+    py = sys.executable
+    scripts = stage_scripts()
+    env = {"PYTHONPATH": "."}
+    t_py = min(_wall([py, "-c", "pass"]) for _ in range(repeats))
+    imports = {m: min(_wall([py, "-c", f"import {m}"], env) for _ in range(repeats)) for m in sorted(set(scripts.values()))}
+    counts = Counter(scripts.values())
+    t_imports = sum(imports[m] * n for m, n in counts.items())
+    print(f"stage overhead, {len(scripts)} stages, best of {repeats}: python start-up {t_py:.2f}s")
+    for m, t in sorted(imports.items(), key=lambda kv: -kv[1]):
+        print(f"   {m:>28} x{counts[m]:<2}: start-up + imports {t:6.2f}s")
+    print(f"   start-up + imports over all stages: {t_imports:.1f}s")
+    status = subprocess.run(["dvc", "status"], capture_output=True, text=True)
+    t_status = min(_wall(["dvc", "status"]) for _ in range(repeats))
+    if "up to date" in status.stdout:
+        t_noop = min(_wall(["dvc", "repro"]) for _ in range(repeats))
+        print(f"   dvc status {t_status:.2f}s | dvc repro with nothing to do {t_noop:.2f}s")
+    else:
+        t_noop = float("nan")
+        print(f"   dvc status {t_status:.2f}s | the workspace is not up to date: run `dvc repro` first for the "
+              f"nothing-to-do figure")
+    if not full:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        times = Path(tmp) / "stages.jsonl"
+        wall = _wall(["dvc", "repro", "-f"], {"ANOMALY_CORE_STAGE_TIMES": str(times)})
+        runs = [json.loads(line) for line in times.read_text().splitlines()]
+    compute = sum(r["compute_s"] for r in runs)
+    startup = sum(r["startup_s"] for r in runs)
+    for r in runs:
+        print(f"   stage {r['stage']:>20}: start-up + imports {r['startup_s']:6.2f}s, main {r['compute_s']:7.2f}s")
+    over = wall - compute
+    print(f"   dvc repro -f {wall:.1f}s: stages' mains {compute:.1f}s ({compute / wall:.0%}), overhead {over:.1f}s "
+          f"({over / wall:.0%}) = stage processes' start-up + imports {startup:.1f}s + DVC {wall - compute - startup:.1f}s "
+          f"({len(runs)} stage processes)", flush=True)
+
+
 @app.command()
 def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batch_size: int = 16,
          stages: bool = typer.Option(False, help="also time each DVC stage with `dvc repro -s -f`"),
@@ -338,10 +416,16 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          musc_budget: float = typer.Option(64.0, help="musc.max_memory_mb of the MuSc curve"),
          musc_dim: int = typer.Option(152, help="patch descriptor dims of the MuSc curve"),
          musc_grid: int = typer.Option(28, help="patches per side of the MuSc curve's images"),
-         coreset_bank: int = typer.Option(50_176, help="bank rows of the coreset timing")) -> None:
+         coreset_bank: int = typer.Option(50_176, help="bank rows of the coreset timing"),
+         overhead: bool = typer.Option(False, help="only the demo pipeline's stage overhead (start-up, imports, DVC)"),
+         overhead_full: bool = typer.Option(False, help="with --overhead: also `dvc repro -f` split into compute and "
+                                                        "overhead (re-runs every stage)")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
+    if overhead:
+        stage_overhead(overhead_full)
+        return
     if predict:
         predict_bench(params, 32, predict_images, batch_size)
         return
