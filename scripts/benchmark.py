@@ -299,11 +299,12 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
             runs["bare"].append(timed(bare_forward, bb, batches)[0])
             runs["bare_layout"].append(timed(bare_forward_threads, bb, batches, threads)[0])
             runs["predict"].append(timed(predict_files, bundle, paths, Path(tmp) / "out", cat, batch_size=batch_size,
-                                         progress=False)[0])
+                                         progress=False, workers=threads)[0])
             runs["predict_1"].append(timed(predict_files, bundle, paths, Path(tmp) / "out1", cat,
                                            batch_size=batch_size, progress=False, workers=1)[0])
             runs["predict_heatmaps"].append(timed(predict_files, bundle, paths, Path(tmp) / "outh", cat,
-                                                  batch_size=batch_size, progress=False, heatmaps=True)[0])
+                                                  batch_size=batch_size, progress=False, heatmaps=True,
+                                                  workers=threads)[0])
         best = {k: min(v) for k, v in runs.items()}
         steps = predict_breakdown(model, paths, cat, batch_size)
         lat = []
@@ -318,7 +319,7 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
               f"{n} images 256 px -> {bb.image_size}, batch {batch_size}, threads {threads}, best of {repeats}:")
         print(f"   bare backbone forward {rate['bare']:6.1f} img/s (torch threads) | {rate['bare_layout']:6.1f} img/s "
               f"({threads} batches at 1 thread each)", flush=True)
-        print(f"   predict {rate['predict']:6.1f} img/s: ratio {rate['predict'] / rate['bare']:.2f} to the bare forward, "
+        print(f"   predict --workers {threads} {rate['predict']:6.1f} img/s: ratio {rate['predict'] / rate['bare']:.2f} to the bare forward, "
               f"{rate['predict'] / rate['bare_layout']:.2f} to the bare forward in its layout | one batch at a time "
               f"(workers=1) {rate['predict_1']:6.1f} img/s, ratio {rate['predict_1'] / rate['bare']:.2f} | with "
               f"heatmaps {rate['predict_heatmaps']:6.1f} img/s, ratio {rate['predict_heatmaps'] / rate['bare']:.2f}")

@@ -83,3 +83,7 @@ def test_scored_batches_on_worker_threads_are_the_serial_scores_in_order(tmp_pat
     assert par[4]["score"] == "" and "broken.png" in par[4]["error"]
     assert par[-1]["score"] == par[0]["score"] and par[0]["score"] != par[1]["score"]
     assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
+    from anomaly_core.errors import DataError
+
+    with pytest.raises(DataError, match=r"--workers 0: must be >= 1"):
+        predict_files(tmp_path / "bundle", paths, tmp_path / "d", cat, progress=False, workers=0)

@@ -12,7 +12,6 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from anomaly_core.data.images import is_image_file
@@ -133,7 +132,7 @@ def _parsed(row: dict) -> dict:
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, category: str | None = None,
                   heatmaps: bool = False, batch_size: int = 16, engine: str = "torch",
                   progress: bool = True, resume: bool = False, pool_size: int = 1000,
-                  max_pixels: int = 40_000_000, workers: int | None = None) -> list[dict]:
+                  max_pixels: int = 40_000_000, workers: int = 1) -> list[dict]:
     """Score every image of `inputs` with the bundle; writes `out/predictions.csv` (CSV_COLUMNS; an unreadable
     file gets its error and empty score) and, with `heatmaps`, `out/heatmaps/<n>_<stem>.png`. Returns the rows.
 
@@ -141,8 +140,9 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
     `resume`, an older CSV and heatmaps in `out` are removed first; with it, the images already in the CSV are
     skipped and the CSV ends as an uninterrupted run's (a batch holding a done image is re-scored whole, so every
     image is scored in the same batch as before). A transductive bundle's pool is refused above `pool_size` images.
-    `workers` batches are scored at once at one torch thread each when the engine allows it (default: torch's
-    thread count; 1 = one batch at a time on torch's threads); see `batching.scored_batches`."""
+    `workers` > 1 batches are scored at once at one torch thread each when the engine allows it (1: one batch at a
+    time on torch's threads, the scores `serve` gives; with more, equal up to float rounding); see
+    `batching.scored_batches`."""
     import os
     import shutil
 
@@ -158,7 +158,7 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
         raise DataError(f"--pool-size {pool_size}: must be >= 2")
     if max_pixels < 1:
         raise DataError(f"--max-pixels {max_pixels}: must be >= 1")
-    if workers is not None and workers < 1:
+    if workers < 1:
         raise DataError(f"--workers {workers}: must be >= 1")
     card = read_card(bundle)
     cat = resolve_category(card, category)
@@ -198,10 +198,9 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
             writer.writeheader()
             fh.flush()
         skip = (lambda chunk: all(str(p) in done for p in chunk)) if done else None
-        n_workers = torch.get_num_threads() if workers is None else workers
-        batches = prefetched_batches(paths, model.image_size, batch_size, workers=2, ahead=max(2, n_workers + 1),
+        batches = prefetched_batches(paths, model.image_size, batch_size, workers=2, ahead=max(2, workers + 1),
                                      skip=skip, max_pixels=max_pixels)
-        for (start, chunk, images, errors), scored in scored_batches(model, batches, cat, n_workers):
+        for (start, chunk, images, errors), scored in scored_batches(model, batches, cat, workers):
             if scored is None:  # every image of the batch is in the resumed CSV
                 bar.update(len(chunk))
                 continue
