@@ -47,9 +47,38 @@ def log_histories(out_dir: str | Path, histories: Mapping[str, History], step_ke
     `{prefix}/{key}` (just `key` for prefix ""); metrics.json holds the last epoch's values. A row flagged
     `"selected": True` (the checkpoint kept) also adds `selected/epoch` and `selected/<key>` to metrics.json. `summary` ({name: number}) goes to metrics.json only (no plot). Returns `out_dir`.
     """
+    out_dir = Path(out_dir)
+    if any(histories.values()) or summary:
+        _log_with_dvclive(out_dir, histories, step_key, summary)
+    else:  # nothing to log (a skipped stage, a training-free method): dvclive's files without its start-up
+        _clear_like_dvclive(out_dir)
+        (out_dir / "metrics.json").write_text("{}\n")
+    plots = out_dir / "plots" / "metrics"
+    plots.mkdir(parents=True, exist_ok=True)  # declared as a DVC plots dir, even without curves
+    if not any(plots.iterdir()):  # DVC warns "'...' is empty" for an empty plots dir: a header-only table instead
+        (plots / NO_CURVES).write_text("step\tno_curves\n")
+    return out_dir
+
+
+def _clear_like_dvclive(out_dir: Path) -> None:
+    """What `Live(dir)` removes when it starts without resume: its plot folders, metrics / params / report files
+    and any dvc.yaml in `out_dir` (`dvclive.Live._init_cleanup`)."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("sklearn", "metrics", "images", "custom"):
+        shutil.rmtree(out_dir / "plots" / sub, ignore_errors=True)
+    for name in ("metrics.json", "params.yaml", "report.html", "report.md"):
+        (out_dir / name).unlink(missing_ok=True)
+    for dvc_file in out_dir.glob("*dvc.yaml"):  # glob.glob("**dvc.yaml") without recursive: this folder
+        dvc_file.unlink()
+
+
+def _log_with_dvclive(out_dir: Path, histories: Mapping[str, History], step_key: str,
+                      summary: Mapping[str, Any] | None) -> None:
+    """The histories through dvclive (importing it opens the DVC repository: ~1-2 s of a stage's start-up)."""
     from dvclive import Live
 
-    out_dir = Path(out_dir)
     with Live(dir=str(out_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for prefix, history in histories.items():
             name = (lambda k: f"{prefix}/{k}") if prefix else (lambda k: k)
@@ -65,11 +94,6 @@ def log_histories(out_dir: str | Path, histories: Mapping[str, History], step_ke
                         live.log_metric(name(f"selected/{key}"), value, plot=False)
         for key, value in (summary or {}).items():
             live.log_metric(key, value, plot=False)
-    plots = out_dir / "plots" / "metrics"
-    plots.mkdir(parents=True, exist_ok=True)  # declared as a DVC plots dir, even without curves
-    if not any(plots.iterdir()):  # DVC warns "'...' is empty" for an empty plots dir: a header-only table instead
-        (plots / NO_CURVES).write_text("step\tno_curves\n")
-    return out_dir
 
 
 def log_history(out_dir: str | Path, history: History, step_key: str = "epoch",

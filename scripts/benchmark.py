@@ -8,6 +8,9 @@
     python scripts/benchmark.py --mvtec-size --scale 0.1   # kNN-only + all-methods pipeline on an MVTec-AD-sized tree
     python scripts/benchmark.py --curves        # kNN-only pipeline cost vs train images / categories, MuSc vs pool
 
+    python scripts/benchmark.py --overhead      # stage start-up + imports, dvc repro with nothing to do
+    python scripts/benchmark.py --overhead --overhead-full   # also dvc repro -f split into compute and overhead
+
 --mvtec-size and --curves live in scripts/bench_scale.py (see its docstring).
 
 The kNN sweep scores `--queries` images of 28 x 28 patches (224 px, stride 8) x 152 dims against random banks
@@ -234,13 +237,53 @@ def bench_knn_bundle(root: Path, params: dict, n_train: int, n_test: int, corese
     bp = {"data": {"image_size": params["data"]["image_size"]}, "seed": 0, "features": {"dtype": "float16"},
           "backbones": {"visual": params["backbones"]["visual"]}, "score": {"knn": {"knn": asdict(kcfg)}}}
     inputs = BundleInputs(rows=rows, features=root / "features", models=root / "models", params=bp, method="knn")
-    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": {}})
+    deploy_module("knn").write_bundle(inputs, root / "bundle", {"method": "knn", "thresholds": {cat: {"image": 0.0}}})
     return root / "bundle", [r.image for r in rows if r.split == "test"][:n_test], cat
 
 
-def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repeats: int = 2) -> None:
+def bare_forward_threads(bb, batches: list[torch.Tensor], workers: int) -> None:
+    """The bare forward in predict's layout: `workers` batches at once, one torch thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(lambda b: bare_forward(bb, [b]), batches))
+    finally:
+        torch.set_num_threads(prev)
+
+
+@torch.no_grad()
+def predict_breakdown(model, paths: list[str], cat: str, batch_size: int) -> dict[str, float]:
+    """Seconds per step of predict's hot path, one batch at a time on torch's threads (no overlap): decode+resize,
+    preprocess, backbone, cast to the cache dtype + patch descriptors, kNN search + maps + image scores."""
+    from anomaly_core.features import load_batch
+
+    bb, out = model.backbone, dict.fromkeys(("decode", "preprocess", "backbone", "descriptors", "knn"), 0.0)
+    for i in range(0, len(paths), batch_size):
+        t0 = time.perf_counter()
+        images = load_batch(paths[i : i + batch_size], model.image_size)
+        t1 = time.perf_counter()
+        x = preprocess(images, bb.image_size, bb.mean, bb.std)
+        t2 = time.perf_counter()
+        feats = bb(x)
+        t3 = time.perf_counter()
+        grid = model.descriptors([lvl.to(model.dtype).float() for lvl in feats["levels"]])
+        t4 = time.perf_counter()
+        model.knn(cat).predict(grid, model.size)
+        t5 = time.perf_counter()
+        for key, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            out[key] += dt
+    return out
+
+
+def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repeats: int = 3) -> None:
     """predict's images/s on a kNN bundle (coreset 0.1) next to the bare backbone forward on the same images
-    (already decoded) in the same run, and the single-image latency (decode to score) p50 / p99."""
+    (already decoded) in the same run, rounds interleaved (the shared machine's load drifts; best of `repeats`):
+    the bare forward on torch's threads (one batch at a time) and in predict's layout (one batch per thread),
+    predict with its default workers and with one (the previous layout); the hot path's time per step; the
+    single-image latency (decode to score) p50 / p99."""
     import tempfile
 
     import numpy as np
@@ -252,13 +295,24 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
     with tempfile.TemporaryDirectory() as tmp:
         bundle, paths, cat = bench_knn_bundle(Path(tmp), params, n_train, n_test)
         model = load_predictor(bundle)
-        bb = model.backbone
+        bb, threads = model.backbone, torch.get_num_threads()
         batches = [load_batch(paths[i : i + batch_size], bb.image_size) for i in range(0, len(paths), batch_size)]
         bare_forward(bb, batches[:1])  # warm-up
         predict_files(bundle, paths[:batch_size], Path(tmp) / "warm", cat, batch_size=batch_size, progress=False)
-        t_bare = min(timed(bare_forward, bb, batches)[0] for _ in range(repeats))
-        t_pred = min(timed(predict_files, bundle, paths, Path(tmp) / "out", cat, batch_size=batch_size,
-                           progress=False)[0] for _ in range(repeats))
+        runs: dict[str, list[float]] = {"bare": [], "bare_layout": [], "predict": [], "predict_1": [],
+                                        "predict_heatmaps": []}
+        for _ in range(repeats):
+            runs["bare"].append(timed(bare_forward, bb, batches)[0])
+            runs["bare_layout"].append(timed(bare_forward_threads, bb, batches, threads)[0])
+            runs["predict"].append(timed(predict_files, bundle, paths, Path(tmp) / "out", cat, batch_size=batch_size,
+                                         progress=False, workers=threads)[0])
+            runs["predict_1"].append(timed(predict_files, bundle, paths, Path(tmp) / "out1", cat,
+                                           batch_size=batch_size, progress=False, workers=1)[0])
+            runs["predict_heatmaps"].append(timed(predict_files, bundle, paths, Path(tmp) / "outh", cat,
+                                                  batch_size=batch_size, progress=False, heatmaps=True,
+                                                  workers=threads)[0])
+        best = {k: min(v) for k, v in runs.items()}
+        steps = predict_breakdown(model, paths, cat, batch_size)
         lat = []
         for p in paths[: min(len(paths), 40)]:
             t0 = time.perf_counter()
@@ -266,10 +320,94 @@ def predict_bench(params: dict, n_train: int, n_test: int, batch_size: int, repe
             lat.append(time.perf_counter() - t0)
         p50, p99 = np.percentile(np.array(lat) * 1e3, [50, 99])
         n = len(paths)
+        rate = {k: n / v for k, v in best.items()}
         print(f"predict, kNN bundle (coreset 0.1, bank {model.bank(cat).shape[0]} x {model.bank(cat).shape[1]}), "
-              f"{n} images 256 px -> {bb.image_size}, batch {batch_size}, threads {torch.get_num_threads()}:")
-        print(f"   bare backbone forward {n / t_bare:6.1f} img/s | predict {n / t_pred:6.1f} img/s | "
-              f"ratio {t_bare / t_pred:.2f} | single image p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+              f"{n} images 256 px -> {bb.image_size}, batch {batch_size}, threads {threads}, best of {repeats}:")
+        print(f"   bare backbone forward {rate['bare']:6.1f} img/s (torch threads) | {rate['bare_layout']:6.1f} img/s "
+              f"({threads} batches at 1 thread each)", flush=True)
+        print(f"   predict --workers {threads} {rate['predict']:6.1f} img/s: ratio {rate['predict'] / rate['bare']:.2f} to the bare forward, "
+              f"{rate['predict'] / rate['bare_layout']:.2f} to the bare forward in its layout | one batch at a time "
+              f"(workers=1) {rate['predict_1']:6.1f} img/s, ratio {rate['predict_1'] / rate['bare']:.2f} | with "
+              f"heatmaps {rate['predict_heatmaps']:6.1f} img/s, ratio {rate['predict_heatmaps'] / rate['bare']:.2f}")
+        total = sum(steps.values())
+        print("   hot path, one batch at a time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in steps.items()))
+        print(f"   single image (decode to score) p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+
+
+def _wall(cmd: list[str], env: dict | None = None) -> float:
+    """Seconds of one subprocess run (output discarded; a failure stops the benchmark with its stderr)."""
+    import os
+
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if res.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
+
+
+def stage_scripts() -> dict[str, str]:
+    """{stage name as `dvc stage list` expands it (fit@knn, ...): its script module (stages.fit)} from dvc.yaml."""
+    import re
+
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    names = subprocess.run(["dvc", "stage", "list", "--name-only"], check=True, capture_output=True,
+                           text=True).stdout.split()
+    out = {}
+    for name in names:
+        spec = stages[name.split("@")[0]]
+        cmd = (spec.get("do") or spec)["cmd"]
+        out[name] = "stages." + re.search(r"stages/(\w+)\.py", cmd).group(1)
+    return out
+
+
+def stage_overhead(full: bool, repeats: int = 2) -> None:
+    """The demo `dvc repro` split into the stages' compute and the overhead around it, in one run:
+
+    - process start-up: `python -c pass`, and per stage script `python -c "import stages.<x>"` (interpreter +
+      its module-level imports; best of `repeats`), summed over the stages `dvc stage list` expands;
+    - DVC with nothing to do: `dvc status` and `dvc repro` on an up-to-date workspace (lock and hash checks);
+    - with `full`: `dvc repro -f` with ANOMALY_CORE_STAGE_TIMES set, so each stage process records its start-up
+      (process start to its main) and its main's seconds; overhead = repro wall - the mains' seconds, split into
+      the processes' start-up and DVC's own share (the rest)."""
+    import json
+    import sys
+    import tempfile
+    from collections import Counter
+
+    py = sys.executable
+    scripts = stage_scripts()
+    env = {"PYTHONPATH": "."}
+    t_py = min(_wall([py, "-c", "pass"]) for _ in range(repeats))
+    imports = {m: min(_wall([py, "-c", f"import {m}"], env) for _ in range(repeats)) for m in sorted(set(scripts.values()))}
+    counts = Counter(scripts.values())
+    t_imports = sum(imports[m] * n for m, n in counts.items())
+    print(f"stage overhead, {len(scripts)} stages, best of {repeats}: python start-up {t_py:.2f}s")
+    for m, t in sorted(imports.items(), key=lambda kv: -kv[1]):
+        print(f"   {m:>28} x{counts[m]:<2}: start-up + imports {t:6.2f}s")
+    print(f"   start-up + imports over all stages: {t_imports:.1f}s")
+    status = subprocess.run(["dvc", "status"], capture_output=True, text=True)
+    t_status = min(_wall(["dvc", "status"]) for _ in range(repeats))
+    if "up to date" in status.stdout:
+        t_noop = min(_wall(["dvc", "repro"]) for _ in range(repeats))
+        print(f"   dvc status {t_status:.2f}s | dvc repro with nothing to do {t_noop:.2f}s")
+    else:
+        t_noop = float("nan")
+        print(f"   dvc status {t_status:.2f}s | the workspace is not up to date: run `dvc repro` first for the "
+              f"nothing-to-do figure")
+    if not full:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        times = Path(tmp) / "stages.jsonl"
+        wall = _wall(["dvc", "repro", "-f"], {"ANOMALY_CORE_STAGE_TIMES": str(times)})
+        runs = [json.loads(line) for line in times.read_text().splitlines()]
+    compute = sum(r["compute_s"] for r in runs)
+    startup = sum(r["startup_s"] for r in runs)
+    for r in runs:
+        print(f"   stage {r['stage']:>20}: start-up + imports {r['startup_s']:6.2f}s, main {r['compute_s']:7.2f}s")
+    over = wall - compute
+    print(f"   dvc repro -f {wall:.1f}s: stages' mains {compute:.1f}s ({compute / wall:.0%}), overhead {over:.1f}s "
+          f"({over / wall:.0%}) = stage processes' start-up + imports {startup:.1f}s + DVC {wall - compute - startup:.1f}s "
+          f"({len(runs)} stage processes)", flush=True)
 
 
 @app.command()
@@ -301,7 +439,10 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
          curve_train: int = typer.Option(64, help="--curves: training images per category of the categories curve"),
          curve_scale: float = typer.Option(0.1, help="--curves: test images per category, as a fraction of 115"),
          work: Path = typer.Option(Path("/tmp/anomaly_core_bench_scale"),
-                                   help="--mvtec-size / --curves: scratch directory (generated trees kept)")) -> None:
+                                   help="--mvtec-size / --curves: scratch directory (generated trees kept)"),
+         overhead: bool = typer.Option(False, help="only the demo pipeline's stage overhead (start-up, imports, DVC)"),
+         overhead_full: bool = typer.Option(False, help="with --overhead: also `dvc repro -f` split into compute and "
+                                                        "overhead (re-runs every stage)")) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
     if mvtec_size or curves:
@@ -317,6 +458,9 @@ def main(images: Path = Path("data/prepared/images.csv"), limit: int = 128, batc
         return
     kcfg = build(KnnConfig, params.get("knn"), "knn")
     fixed_mmap_threshold()
+    if overhead:
+        stage_overhead(overhead_full)
+        return
     if predict:
         predict_bench(params, 32, predict_images, batch_size)
         return

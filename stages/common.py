@@ -2,8 +2,10 @@
 malloc) and the error printer are `anomaly_core.runtime`'s, shared with the CLI."""
 from __future__ import annotations
 
+import functools
 import os
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +13,8 @@ import yaml
 
 from anomaly_core.config import section
 from anomaly_core.errors import ConfigError
-from anomaly_core.runtime import error_lines, friendly_errors, progress_enabled, setup_environment  # noqa: F401
+from anomaly_core.runtime import error_lines, progress_enabled, setup_environment  # noqa: F401
+from anomaly_core.runtime import friendly_errors as _friendly_errors
 
 if TYPE_CHECKING:  # torch is imported by the stages that compute, not by skipped ones
     import torch
@@ -19,6 +22,42 @@ if TYPE_CHECKING:  # torch is imported by the stages that compute, not by skippe
 PARAMS = Path("params.yaml")
 
 setup_environment()  # every stage imports this module first, before torch allocates anything
+
+STAGE_TIMES = "ANOMALY_CORE_STAGE_TIMES"  # a JSON-lines file: each stage process appends its time split to it
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc; NaN elsewhere): interpreter start-up included."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def friendly_errors(fn):
+    """`anomaly_core.runtime.friendly_errors`, and with ANOMALY_CORE_STAGE_TIMES=<file> one JSON line per run
+    appended to that file: the stage, its arguments, `startup_s` (process start to the stage's main: interpreter
+    start-up and imports) and `compute_s` (its main). scripts/benchmark.py --overhead reads it."""
+    wrapped = _friendly_errors(fn)
+
+    @functools.wraps(wrapped)
+    def timed(*args, **kwargs):
+        if not os.environ.get(STAGE_TIMES):
+            return wrapped(*args, **kwargs)
+        startup, t0 = _process_age(), time.perf_counter()
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            import json
+            import sys
+
+            line = {"stage": Path(sys.argv[0]).stem, "args": sys.argv[1:], "startup_s": round(startup, 4),
+                    "compute_s": round(time.perf_counter() - t0, 4)}
+            with open(os.environ[STAGE_TIMES], "a", encoding="utf-8") as fh:  # one short append per process
+                fh.write(json.dumps(line) + "\n")
+
+    return timed
 
 
 def load_params(path: Path = PARAMS) -> dict[str, Any]:

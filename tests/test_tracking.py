@@ -119,3 +119,32 @@ def test_documented_dvc_yaml_entries_render(tmp_path):
         assert any(k.startswith(f"metrics/train/{d}/plots/metrics/") for k in data), d
     brick = data["metrics/train/prompt_clip/plots/metrics/brick/loss.tsv"][0]["content"]["data"]["values"]
     assert [float(v["loss"]) for v in brick] == [1.5, 1.25]
+
+
+@pytest.mark.parametrize("histories", [{}, {"": []}, {"alpha": [], "beta": []}])
+def test_nothing_to_log_writes_dvclive_s_files_without_dvclive(tmp_path, histories):
+    """A stage without curves (skipped, training-free) writes the files dvclive writes for an empty history, byte
+    for byte, over the same stale files, and never imports dvclive (its start-up opens the DVC repository)."""
+    import subprocess
+    import sys
+
+    from anomaly_core import tracking
+
+    def stale(d):
+        (d / "plots" / "metrics").mkdir(parents=True)
+        (d / "plots" / "metrics" / "old.tsv").write_text("step\told\n0\t1\n")
+        (d / "metrics.json").write_text('{"old": 1}\n')
+        (d / "report.md").write_text("old\n")
+        return d
+
+    fast, slow = stale(tmp_path / "fast"), stale(tmp_path / "slow")
+    tracking.log_histories(fast, histories)
+    tracking._log_with_dvclive(slow, histories, "epoch", None)  # the path every history with rows takes
+    (slow / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    (slow / "plots" / "metrics" / tracking.NO_CURVES).write_text("step\tno_curves\n")
+    files = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
+    assert files(fast) == files(slow)
+    assert files(fast) == {"metrics.json": b"{}\n", "plots/metrics/no_curves.tsv": b"step\tno_curves\n"}
+    code = (f"import sys; from anomaly_core.tracking import log_histories; log_histories({str(tmp_path / 'sub')!r}, "
+            f"{histories!r}); assert 'dvclive' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

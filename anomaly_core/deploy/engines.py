@@ -36,6 +36,7 @@ class FusionPredictor:
         self.members = {b: load_predictor(self.bundle / m["dir"]) for b, m in self.card["members"].items()}
         self.image_size = self.members["clip"].image_size
         self.transductive = any(m.transductive for m in self.members.values())
+        self.concurrent = all(getattr(m, "concurrent", False) for m in self.members.values())
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, category: str, paths: Sequence[str] | None = None

@@ -12,12 +12,10 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from anomaly_core.data.images import is_image_file
-from anomaly_core.deploy.batching import prefetched_batches
+from anomaly_core.deploy.batching import prefetched_batches, scored_batches
 from anomaly_core.deploy.bundle import read_card
 from anomaly_core.deploy.engines import load_predictor
 from anomaly_core.errors import DataError
@@ -134,14 +132,17 @@ def _parsed(row: dict) -> dict:
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, category: str | None = None,
                   heatmaps: bool = False, batch_size: int = 16, engine: str = "torch",
                   progress: bool = True, resume: bool = False, pool_size: int = 1000,
-                  max_pixels: int = 40_000_000) -> list[dict]:
+                  max_pixels: int = 40_000_000, workers: int = 1) -> list[dict]:
     """Score every image of `inputs` with the bundle; writes `out/predictions.csv` (CSV_COLUMNS; an unreadable
     file gets its error and empty score) and, with `heatmaps`, `out/heatmaps/<n>_<stem>.png`. Returns the rows.
 
     The CSV grows by one flushed row per image as it is scored (a heatmap is in place before its row). Without
     `resume`, an older CSV and heatmaps in `out` are removed first; with it, the images already in the CSV are
     skipped and the CSV ends as an uninterrupted run's (a batch holding a done image is re-scored whole, so every
-    image is scored in the same batch as before). A transductive bundle's pool is refused above `pool_size` images."""
+    image is scored in the same batch as before). A transductive bundle's pool is refused above `pool_size` images.
+    `workers` > 1 batches are scored at once at one torch thread each when the engine allows it (1: one batch at a
+    time on torch's threads, the scores `serve` gives; with more, equal up to float rounding); see
+    `batching.scored_batches`."""
     import os
     import shutil
 
@@ -157,6 +158,8 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
         raise DataError(f"--pool-size {pool_size}: must be >= 2")
     if max_pixels < 1:
         raise DataError(f"--max-pixels {max_pixels}: must be >= 1")
+    if workers < 1:
+        raise DataError(f"--workers {workers}: must be >= 1")
     card = read_card(bundle)
     cat = resolve_category(card, category)
     threshold = image_threshold(card, cat)
@@ -195,14 +198,13 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], out: str | P
             writer.writeheader()
             fh.flush()
         skip = (lambda chunk: all(str(p) in done for p in chunk)) if done else None
-        for start, chunk, images, errors in prefetched_batches(paths, model.image_size, batch_size, skip=skip,
-                                                                   max_pixels=max_pixels):
-            if images is None:  # every image of the batch is in the resumed CSV
+        batches = prefetched_batches(paths, model.image_size, batch_size, workers=2, ahead=max(2, workers + 1),
+                                     skip=skip, max_pixels=max_pixels)
+        for (start, chunk, images, errors), scored in scored_batches(model, batches, cat, workers):
+            if scored is None:  # every image of the batch is in the resumed CSV
                 bar.update(len(chunk))
                 continue
-            ok = [i for i, im in enumerate(images) if im is not None]
-            scores, maps = (model(torch.from_numpy(np.stack([images[i] for i in ok])), cat, [chunk[i] for i in ok])
-                            if ok else (None, None))
+            ok, scores, maps = scored
             for j, (p, err) in enumerate(zip(chunk, errors)):
                 if str(p) in done:
                     continue

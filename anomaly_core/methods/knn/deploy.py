@@ -15,6 +15,7 @@ blocked exact search, the ONNX graph with `kit.knn.dense_search` (one block, tra
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,6 +94,7 @@ class Predictor:
     """The PyTorch engine of a kNN bundle: uint8 images [B, S, S, 3] -> (image scores [B], maps [B, size, size])."""
 
     transductive = False
+    concurrent = True  # a call keeps no state on the object: predict scores batches on several threads at once
 
     def __init__(self, bundle: str | Path, card: dict | None = None):
         self.bundle = Path(bundle)
@@ -109,18 +111,21 @@ class Predictor:
         self.tiling = build(TilingConfig, self.card["tiling"], "model.json tiling") if "tiling" in self.card else None
         self.batch_size = int(self.card.get("tile_batch", 16))  # tiles per backbone call (features.batch_size)
         self._tiled: dict[str, Any] = {}
+        self._lock = threading.RLock()  # concurrent calls load a category's bank once
 
     def bank(self, category: str) -> torch.Tensor:
-        if category not in self._banks:
-            require_category(self.card, category)
-            self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
-        return self._banks[category]
+        with self._lock:
+            if category not in self._banks:
+                require_category(self.card, category)
+                self._banks = {category: load_bank(self.bundle, category)}  # one category's bank in memory
+            return self._banks[category]
 
     def knn(self, category: str) -> PatchKnn:
         """The category's search (its bank's squared norms computed once, not per batch)."""
-        if category not in self._knn:
-            self._knn = {category: PatchKnn(self.bank(category), self.cfg)}
-        return self._knn[category]
+        with self._lock:
+            if category not in self._knn:
+                self._knn = {category: PatchKnn(self.bank(category), self.cfg)}
+            return self._knn[category]
 
     def descriptors(self, levels: list[torch.Tensor]) -> torch.Tensor:
         """Backbone levels (float32, after the cache-dtype round trip) -> patch descriptors [B, h, w, D]."""
@@ -152,11 +157,13 @@ class Predictor:
             raise DataError(f"{self.bundle}: a tiled kNN bundle reads its images from their files (give paths)")
         entry = self.card["tiles"][category]
         offsets, hw = torch.tensor(entry["offsets"], dtype=torch.long), tuple(entry["hw"])
-        if category not in self._tiled:
-            require_category(self.card, category)
-            tensors = load_tensors(self.bundle / "knn" / f"{category}.safetensors")[0]
-            banks = [PatchKnn(tensors[f"bank_{j}"], self.cfg) for j in range(len(tensors))]
-            self._tiled = {category: TiledKnn(banks, len(offsets), self.cfg, self.tiling)}
+        with self._lock:  # concurrent calls (predict --workers) load a category's tile banks once
+            if category not in self._tiled:
+                require_category(self.card, category)
+                tensors = load_tensors(self.bundle / "knn" / f"{category}.safetensors")[0]
+                banks = [PatchKnn(tensors[f"bank_{j}"], self.cfg) for j in range(len(tensors))]
+                self._tiled = {category: TiledKnn(banks, len(offsets), self.cfg, self.tiling)}
+            tiled = self._tiled[category]
         images, maps = [], []
         for path in paths:  # one image at a time: its tiles are the batch, as in the features stage
             feats, got, ghw = extract_tile_features(self.backbone, [str(path)], self.tiling, self.batch_size,
@@ -164,7 +171,7 @@ class Predictor:
             if ghw != hw:
                 raise DataError(f"{path}: {ghw[0]}x{ghw[1]} px at tiling resolution {self.tiling.resolution}, the "
                                 f"bundle's category {category} was tiled at {hw[0]}x{hw[1]} px")
-            image, m = self._tiled[category].predict(tile_grids(flat_levels(feats), self.cfg), offsets, hw, self.size)
+            image, m = tiled.predict(tile_grids(flat_levels(feats), self.cfg), offsets, hw, self.size)
             images.append(image)
             maps.append(m)
         return torch.cat(images), torch.cat(maps)
