@@ -5,6 +5,7 @@
     anomaly-core predict models/export images/ --out predictions           # deploy/predict.py
     anomaly-core export-onnx models/export                                   # deploy/onnx.py
     anomaly-core serve models/export --port 8000                             # deploy/serve.py
+    anomaly-core review exp-a exp-b --out review-compare                     # review.py
 """
 from __future__ import annotations
 
@@ -216,6 +217,26 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
         typer.echo(f"warning: serving on {host} without --token-file: anyone who reaches it can score and reload",
                    err=True)
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
+
+
+@app.command()
+def review(exp_a: str = typer.Argument(..., help="a `dvc exp` name, a git revision, or a folder holding verdicts.json"),
+           exp_b: str = typer.Argument(..., help="the same for the other experiment"),
+           out: Path = typer.Option(Path("review-compare"), help="output directory (its index.html is the page)"),
+           repo: Path = typer.Option(Path("."), help="the DVC repository the experiments belong to")) -> None:
+    """One page showing where two experiments' verdicts differ (their evaluate stages' reports/review/verdicts.json)."""
+    from anomaly_core.errors import DataError
+    from anomaly_core.review import load_verdicts, write_compare
+
+    try:
+        a, b = load_verdicts(exp_a, repo), load_verdicts(exp_b, repo)
+        diff = write_compare(a, b, out)
+    except (DataError, OSError, ValueError) as exc:
+        _fail(exc)
+    for m, parts in diff["methods"].items():
+        n = sum(len(p["differ"]) for p in parts.values())
+        typer.echo(f"{m:>16}: {n} of {sum(p['compared'] for p in parts.values())} verdicts differ")
+    typer.echo(f"wrote {out / 'index.html'}")
 
 
 if __name__ == "__main__":
