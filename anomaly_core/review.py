@@ -70,17 +70,14 @@ def _save_jpeg(path: Path, rgb: np.ndarray, side: int) -> None:
     im.save(path, format="JPEG", quality=85)
 
 
-def _contour(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The ground-truth mask's contour drawn in lime onto rgb [H, W, 3] (mask [h, w] stretched, nearest)."""
+def _edges(mask: np.ndarray | None) -> np.ndarray | None:
+    """bool [H, W] the border pixels of a ground-truth mask [H, W] (mask pixels with a non-mask 4-neighbour)."""
     if mask is None or not np.asarray(mask).any():
-        return rgb
+        return None
     from scipy import ndimage
 
-    m = np.asarray(Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(rgb.shape[1::-1], Image.NEAREST)) > 127
-    edge = m & ~ndimage.binary_erosion(m, border_value=1)
-    out = rgb.copy()
-    out[edge] = (0, 255, 0)
-    return out
+    m = np.asarray(mask, dtype=bool)
+    return m & ~ndimage.binary_erosion(m, border_value=1)
 
 
 def write_review(rows: Sequence[mf.Row], dirs: Mapping[str, Path], size: int, tcfg: ThresholdConfig, seed: int,
@@ -118,7 +115,8 @@ def _build(rows, dirs, size, tcfg, seed, holdouts, per_category, reports: Path, 
         thumbs[c] = [f"img/{c}/{n:04d}.jpg" for n in range(len(test[c]))]
         for im, rel in zip(images[c], thumbs[c]):
             _save_jpeg(out / rel, im, THUMB)
-    masks = {c: ev.masks_for(test[c], heat_side) if pixel else None for c in cats}
+    edges = {c: [_edges(m) for m in ev.masks_for(test[c], heat_side)] if pixel else [None] * len(test[c])
+             for c in cats}  # ground-truth contours drawn on every method's overlay
     methods: dict[str, dict] = {}
     for method, where in dirs.items():
         t_scores, v_scores = load_scores(Path(where) / "test.safetensors"), load_scores(Path(where) / "val.safetensors")
@@ -135,7 +133,9 @@ def _build(rows, dirs, size, tcfg, seed, holdouts, per_category, reports: Path, 
                 item["defect_type"], item["thumb"] = r.defect_type, thumbs[c][n]
                 item["heat"] = f"heat/{method}/{c}/{n:04d}.jpg"
                 overlay = map_overlay(images[c][n], maps[n].astype(np.float32), lo, hi)
-                _save_jpeg(out / item["heat"], _contour(overlay, masks[c][n] if pixel else None), heat_side)
+                if edges[c][n] is not None:
+                    overlay[edges[c][n]] = (0, 255, 0)
+                _save_jpeg(out / item["heat"], overlay, heat_side)
             counts = {k: sum(i["mark"] == k for i in items) for k in ("tp", "fp", "fn", "tn")}
             methods[method][c] = {"threshold": t, "warnings": notes, "counts": counts, "map_range": [lo, hi],
                                   "images": items}
@@ -158,7 +158,7 @@ table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-botto
 td:first-child,td:nth-child(2),th{text-align:left}.strip{margin:.6em 0 1.2em}.strip h3{font-size:14px;margin:.2em 0}
 .row{display:flex;flex-wrap:wrap;align-items:flex-end;gap:4px}.tile{margin:0;position:relative;cursor:pointer;
 border:3px solid transparent}.tile img{width:96px;height:96px;display:block}.tile figcaption{font-size:11px;
-text-align:center}.tile.fp{border-color:#e08000}.tile.fn{border-color:#c00020}.tile.tp{border-color:#9c9}
+text-align:center}.tile.fp{border-color:#e08000}.tile.fn{border-color:#c00020}.tile.tp{border-color:#bbb}
 .mark{position:absolute;top:2px;left:2px;color:#fff;font:bold 11px sans-serif;padding:0 3px}.fp .mark{background:#e08000}
 .fn .mark{background:#c00020}.threshold{width:4px;align-self:stretch;background:#06c;position:relative;min-height:110px}
 .threshold span{position:absolute;top:-2px;left:6px;font-size:11px;color:#06c;white-space:nowrap}
