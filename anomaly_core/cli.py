@@ -189,8 +189,10 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
           batch_wait_ms: float = typer.Option(5.0, help="micro-batching window: concurrent requests arriving in it "
                                                         "share one forward pass"),
           max_batch: int = typer.Option(16, help="most images per forward pass"),
-          max_inflight: int = typer.Option(64, help="requests read and scored at once (bounds memory)")) -> None:
-    """Serve a bundle over HTTP: POST /predict, GET /health, GET /model, POST /reload, GET / (upload form)."""
+          max_inflight: int = typer.Option(64, help="requests read and scored at once (bounds memory)"),
+          review: Optional[Path] = typer.Option(None, help="the review page folder served at /review/ and shown on / "
+                                                           "(default: reports/review when it exists)")) -> None:
+    """Serve a bundle over HTTP: POST /predict, GET /health, GET /model, POST /reload, GET / (upload form + review)."""
     import logging
 
     from anomaly_core.errors import DataError, WeightsError
@@ -209,7 +211,9 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
             token = token_file.read_text().strip()
             if not token:
                 raise DataError(f"--token-file {token_file}: empty")
-        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token)
+        if review is None and (Path("reports/review") / "index.html").is_file():
+            review = Path("reports/review")
+        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token, review)
         app_ = create_app(model_dir, cfg)
     except (DataError, WeightsError) as exc:
         _fail(exc)

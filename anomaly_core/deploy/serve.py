@@ -61,6 +61,7 @@ class ServeConfig:
     max_batch: int = 16                # images per forward pass
     max_inflight: int = 64             # requests read / scored at once (bounds memory: max_inflight x body limit)
     token: Optional[str] = None        # bearer token (from --token-file); None: no auth
+    review: Optional[Path] = None      # the experiment's review page folder (reports/review), served at /review/
 
     def __post_init__(self):
         for name in ("max_bytes", "max_pixels", "max_images", "max_batch", "max_inflight"):
@@ -303,6 +304,13 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
 
     app = FastAPI(title="anomaly_core", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scorer = scorer
+    review = Path(cfg.review) if cfg.review is not None else None
+    if review is not None:
+        if not (review / "index.html").is_file():
+            raise DataError(f"--review {review}: no index.html there (the evaluate stage writes reports/review/)")
+        from starlette.staticfiles import StaticFiles
+
+        app.mount("/review", StaticFiles(directory=str(review), html=True), name="review")
 
     def error(status: int, message: str, rid: str) -> JSONResponse:
         return JSONResponse({"error": message, "request_id": rid}, status_code=status, headers={"X-Request-ID": rid})
@@ -348,7 +356,7 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(_index_html(scorer.model))
+        return HTMLResponse(_index_html(scorer.model, review is not None))
 
     @app.post("/reload")
     async def reload(request: Request, bundle: Optional[str] = None):
@@ -430,8 +438,9 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     return app
 
 
-def _index_html(model: LoadedModel) -> str:
-    """The bundle's page: its card summary and an upload form posting to /predict (no external resources)."""
+def _index_html(model: LoadedModel, review: bool = False) -> str:
+    """The bundle's page: its card summary, an upload form posting to /predict and, with `review`, the experiment's
+    review page (/review/) filtered to the bundle's method (no external resources)."""
     import html
     import json
 
@@ -464,4 +473,18 @@ document.getElementById('f').onsubmit = async (e) => {{
     out.appendChild(d);
   }}
 }};
-</script></body></html>"""
+</script>{_review_frame(model, review)}</body></html>"""
+
+
+def _review_frame(model: LoadedModel, review: bool) -> str:
+    """The review page of the bundle's method (test images by score, val threshold, FP / FN), or where to get it."""
+    import html
+    from urllib.parse import quote
+
+    if not review:
+        return ("<h2>Review</h2><p>No review page served: start with <code>--review reports/review</code> (written by "
+                "<code>dvc repro evaluate</code>).</p>")
+    url = f"review/index.html?method={quote(str(model.card.get('method', '')))}"
+    return (f'<h2>Review: {html.escape(str(model.card.get("method")))} on the test split</h2><p><a href="{url}">open '
+            f'full page</a> (all methods: <a href="review/index.html">review/</a>)</p>'
+            f'<iframe id="review" src="{url}" style="width:100%;height:80vh;border:1px solid #ccc"></iframe>')
