@@ -191,7 +191,9 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
           max_batch: int = typer.Option(16, help="most images per forward pass"),
           max_inflight: int = typer.Option(64, help="requests read and scored at once (bounds memory)"),
           review: Optional[Path] = typer.Option(None, help="the review page folder served at /review/ and shown on / "
-                                                           "(default: reports/review when it exists)")) -> None:
+                                                           "(default: reports/review when it exists)"),
+          trim_idle_s: float = typer.Option(1.0, help="after this many seconds without a request, return freed "
+                                                      "memory to the OS (glibc malloc_trim; 0 = never)")) -> None:
     """Serve a bundle over HTTP: POST /predict, GET /health, GET /model, POST /reload, GET / (upload form + review)."""
     import logging
 
@@ -213,7 +215,8 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
                 raise DataError(f"--token-file {token_file}: empty")
         if review is None and (Path("reports/review") / "index.html").is_file():
             review = Path("reports/review")
-        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token, review)
+        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token, review,
+                          trim_idle_s=trim_idle_s)
         app_ = create_app(model_dir, cfg)
     except (DataError, WeightsError) as exc:
         _fail(exc)

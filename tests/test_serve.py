@@ -269,3 +269,24 @@ def test_index_shows_the_review_page_of_the_bundles_method(bundle, tmp_path):
         assert "--review reports/review" in c.get("/").text and c.get("/review/index.html").status_code == 404
     with pytest.raises(DataError, match=r"--review .*nothing: no index.html there"):
         create_app(bdir, ServeConfig(review=tmp_path / "nothing"))
+
+
+def test_idle_server_returns_freed_memory_once_per_idle_period(bundle):
+    """After --trim-idle-s without a request the server calls malloc_trim once (not again while still idle);
+    --trim-idle-s 0 never does."""
+    bdir, images, _ = bundle
+    cat, paths = next(iter(images.items()))
+    body = Path(paths[0]).read_bytes()
+    with _client(bdir, trim_idle_s=0.05) as c:
+        assert c.post("/predict", params={"category": cat}, content=body,
+                      headers={"content-type": "image/png"}).status_code == 200
+        time.sleep(0.5)
+        first = c.get("/health").json()["memory_trims"]  # this /health is activity too: one more trim after it
+        time.sleep(0.5)
+        second = c.get("/health").json()["memory_trims"]
+        time.sleep(0.5)
+        assert first >= 1 and second == first + 1 and c.get("/health").json()["memory_trims"] == second + 1
+    with _client(bdir, trim_idle_s=0) as c:
+        c.post("/predict", params={"category": cat}, content=body, headers={"content-type": "image/png"})
+        time.sleep(0.3)
+        assert c.get("/health").json()["memory_trims"] == 0

@@ -62,6 +62,7 @@ class ServeConfig:
     max_inflight: int = 64             # requests read / scored at once (bounds memory: max_inflight x body limit)
     token: Optional[str] = None        # bearer token (from --token-file); None: no auth
     review: Optional[Path] = None      # the experiment's review page folder (reports/review), served at /review/
+    trim_idle_s: float = 1.0           # after this long without a request, freed memory goes back to the OS (0: never)
 
     def __post_init__(self):
         for name in ("max_bytes", "max_pixels", "max_images", "max_batch", "max_inflight"):
@@ -69,6 +70,8 @@ class ServeConfig:
                 raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.batch_wait_ms < 0:
             raise DataError(f"--batch-wait-ms {self.batch_wait_ms}: must be >= 0")
+        if self.trim_idle_s < 0:
+            raise DataError(f"--trim-idle-s {self.trim_idle_s}: must be >= 0")
 
 
 class BadInput(Exception):
@@ -279,6 +282,19 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     cfg = cfg or ServeConfig()
     scorer = Scorer(model or LoadedModel.load(bundle), cfg)
     inflight = {"sem": None}
+    activity = {"requests": 0, "running": 0, "trimmed_at": 0, "trims": 0}
+
+    async def trim_when_idle():
+        """glibc keeps the memory of freed upload bodies, decoded images and batch tensors in its arenas (one per
+        request thread); once no request has arrived for `trim_idle_s`, give it back (`runtime.release_memory`)."""
+        from anomaly_core.runtime import release_memory
+
+        while True:
+            await asyncio.sleep(cfg.trim_idle_s)
+            seen = activity["requests"]
+            if activity["running"] == 0 and seen != activity["trimmed_at"]:
+                await asyncio.get_running_loop().run_in_executor(scorer.pool, release_memory)
+                activity["trimmed_at"], activity["trims"] = seen, activity["trims"] + 1
 
     @asynccontextmanager
     async def lifespan(app):
@@ -299,11 +315,15 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
             pass
         log.info("serving %s (method %s, categories %s)", scorer.model.bundle, scorer.model.card.get("method"),
                  ", ".join(scorer.model.card["categories"]))
+        trimmer = loop.create_task(trim_when_idle()) if cfg.trim_idle_s > 0 else None
         yield
+        if trimmer is not None:
+            trimmer.cancel()
         await scorer.stop()
 
     app = FastAPI(title="anomaly_core", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scorer = scorer
+    app.state.activity = activity
     review = Path(cfg.review) if cfg.review is not None else None
     if review is not None:
         if not (review / "index.html").is_file():
@@ -326,11 +346,15 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
                 return error(401, "missing bearer token (Authorization: Bearer <token>)", rid)
             if not hmac.compare_digest(auth[7:].strip().encode(), cfg.token.encode()):
                 return error(401, "wrong bearer token", rid)
+        activity["running"] += 1
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - the last guard: the server stays up
             log.exception("request %s %s %s failed", rid, request.method, request.url.path)
             return error(500, f"internal error (request id {rid})", rid)
+        finally:
+            activity["running"] -= 1
+            activity["requests"] += 1
         response.headers["X-Request-ID"] = rid
         return response
 
@@ -348,7 +372,7 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     async def health():
         m = scorer.model
         return {"status": "ok", "method": m.card.get("method"), "categories": m.card["categories"],
-                "batches": scorer.batches, "loaded_at": m.loaded_at}
+                "batches": scorer.batches, "loaded_at": m.loaded_at, "memory_trims": activity["trims"]}
 
     @app.get("/model")
     async def card():
