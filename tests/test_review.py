@@ -136,6 +136,18 @@ def test_page_files_are_beside_it_and_the_html_has_marks_and_threshold(page):
     assert heat[8, 12, 1] > 180 and heat[8, 12, 0] < 120
 
 
+def test_a_dataset_without_masks_gets_overlays_without_contours(page, tmp_path):
+    from dataclasses import replace
+
+    rows = [replace(r, mask="") for r in page["rows"]]
+    v = review.write_review(rows, {"knn": page["dirs"]["knn"]}, SIZE, ThresholdConfig(), 0, {}, {}, page["reports"],
+                            out=tmp_path / "nomask")
+    assert v["methods"]["knn"]["alpha"]["counts"] == page["verdicts"]["methods"]["knn"]["alpha"]["counts"]
+    heat = np.asarray(Image.open(tmp_path / "nomask" / v["methods"]["knn"]["alpha"]["images"][3]["heat"]))
+    with_contour = np.asarray(Image.open(page["out"] / v["methods"]["knn"]["alpha"]["images"][3]["heat"]))
+    assert np.abs(heat.astype(int) - with_contour.astype(int)).max() > 100  # the lime border is gone
+
+
 def test_review_is_rebuilt_whole(page, tmp_path):
     stale = page["out"] / "img" / "stale.jpg"
     stale.write_bytes(b"x")
