@@ -282,7 +282,7 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     cfg = cfg or ServeConfig()
     scorer = Scorer(model or LoadedModel.load(bundle), cfg)
     inflight = {"sem": None}
-    activity = {"requests": 0, "running": 0, "trimmed_at": 0, "trims": 0}
+    activity = {"requests": 0, "running": 0, "trimmed_at": 0, "trims": 0, "last": time.monotonic()}
 
     async def trim_when_idle():
         """glibc keeps the memory of freed upload bodies, decoded images and batch tensors in its arenas (one per
@@ -290,9 +290,10 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
         from anomaly_core.runtime import release_memory
 
         while True:
-            await asyncio.sleep(cfg.trim_idle_s)
+            await asyncio.sleep(cfg.trim_idle_s / 2)
             seen = activity["requests"]
-            if activity["running"] == 0 and seen != activity["trimmed_at"]:
+            idle = activity["running"] == 0 and time.monotonic() - activity["last"] >= cfg.trim_idle_s
+            if idle and seen != activity["trimmed_at"]:
                 await asyncio.get_running_loop().run_in_executor(scorer.pool, release_memory)
                 activity["trimmed_at"], activity["trims"] = seen, activity["trims"] + 1
 
@@ -355,6 +356,7 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
         finally:
             activity["running"] -= 1
             activity["requests"] += 1
+            activity["last"] = time.monotonic()
         response.headers["X-Request-ID"] = rid
         return response
 
