@@ -273,7 +273,7 @@ VERDICTS = "reports/review/verdicts.json"
 def load_verdicts(source: str, repo: Path = Path(".")) -> tuple[dict, Callable[[str], bytes], str]:
     """(verdicts, reader of a file beside them, label) of an experiment: a folder (holding verdicts.json, or
     review/ or reports/review/ that does) or a git revision / `dvc exp` name of the DVC repository `repo`
-    (read from the local DVC cache with `dvc.api.read`). A missing file is a DataError naming the source."""
+    (read from the local DVC cache through `dvc.fs.DVCFileSystem`, what `dvc.api.read` uses). A missing file is a DataError naming the source."""
     folder = Path(source)
     if folder.is_dir():
         for d in (folder, folder / "review", folder / "reports" / "review"):
@@ -283,15 +283,16 @@ def load_verdicts(source: str, repo: Path = Path(".")) -> tuple[dict, Callable[[
         raise DataError(f"{source}: a folder without verdicts.json (nor review/ or reports/review/ holding one); "
                         "run `dvc repro evaluate` there")
     rev = _resolve_rev(source, repo)
-    import dvc.api
-
     try:
-        text = dvc.api.read(VERDICTS, repo=str(repo), rev=rev)
+        from dvc.fs import DVCFileSystem
+
+        fs = DVCFileSystem(url=str(repo), rev=rev)  # one repository view for the file and every thumbnail
+        text = fs.read_text(VERDICTS)
     except Exception as exc:  # noqa: BLE001 - dvc raises many kinds: one line naming what was asked
-        raise DataError(f"{source}: cannot read {VERDICTS} at revision {rev} of {repo} "
+        raise DataError(f"{source}: cannot read {VERDICTS} at revision {rev[:12]} of {repo} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); is it an "
                         "experiment of this repository whose evaluate stage wrote the review page?") from None
-    reader = lambda rel: dvc.api.read(f"reports/review/{rel}", repo=str(repo), rev=rev, mode="rb")
+    reader = lambda rel: fs.read_bytes(f"reports/review/{rel}")
     return _checked(json.loads(text), source), reader, f"{source} ({rev[:10]})"
 
 
@@ -305,6 +306,7 @@ def _resolve_rev(name: str, repo: Path) -> str:
             ref = resolve_name(r.scm, name).get(name)
             if ref is not None:
                 return r.scm.get_ref(str(ref))
+            return r.scm.resolve_rev(name)
     except Exception:  # noqa: BLE001 - not an experiment name (or not a DVC repo): let git resolve it below
         pass
     return name
