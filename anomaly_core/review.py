@@ -87,6 +87,7 @@ def write_review(rows: Sequence[mf.Row], dirs: Mapping[str, Path], size: int, tc
     built in a temporary directory and swapped in whole. Returns the verdicts written to verdicts.json."""
     reports = Path(reports)
     out = Path(out) if out is not None else reports / "review"
+    _remove_stale(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -96,6 +97,19 @@ def write_review(rows: Sequence[mf.Row], dirs: Mapping[str, Path], size: int, tc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return verdicts
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete `<out>.tmp-<pid>` / `<out>.old-<pid>` trees of a killed run (their process is gone)."""
+    for p in out.parent.glob(f"{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 1:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and p.is_dir():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(p, ignore_errors=True)
+            except PermissionError:
+                pass
 
 
 def _build(rows, dirs, size, tcfg, seed, holdouts, per_category, reports: Path, out: Path) -> dict:

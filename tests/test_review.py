@@ -151,8 +151,10 @@ def test_a_dataset_without_masks_gets_overlays_without_contours(page, tmp_path):
 def test_review_is_rebuilt_whole(page, tmp_path):
     stale = page["out"] / "img" / "stale.jpg"
     stale.write_bytes(b"x")
+    killed = page["reports"] / "review.tmp-999999999"  # a temporary of a process that is gone
+    (killed / "img").mkdir(parents=True)
     review.write_review(page["rows"], page["dirs"], SIZE, ThresholdConfig(), 0, {}, {}, page["reports"])
-    assert not stale.exists() and (page["out"] / "index.html").is_file()
+    assert not stale.exists() and (page["out"] / "index.html").is_file() and not killed.exists()
     assert not list(page["reports"].glob("review.tmp-*"))
 
 
