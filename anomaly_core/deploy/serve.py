@@ -347,16 +347,18 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
                 return error(401, "missing bearer token (Authorization: Bearer <token>)", rid)
             if not hmac.compare_digest(auth[7:].strip().encode(), cfg.token.encode()):
                 return error(401, "wrong bearer token", rid)
-        activity["running"] += 1
+        counted = request.url.path != "/health"  # a load balancer's probes allocate nothing worth trimming
+        activity["running"] += counted
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - the last guard: the server stays up
             log.exception("request %s %s %s failed", rid, request.method, request.url.path)
             return error(500, f"internal error (request id {rid})", rid)
         finally:
-            activity["running"] -= 1
-            activity["requests"] += 1
-            activity["last"] = time.monotonic()
+            if counted:
+                activity["running"] -= 1
+                activity["requests"] += 1
+                activity["last"] = time.monotonic()
         response.headers["X-Request-ID"] = rid
         return response
 
