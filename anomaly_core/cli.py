@@ -5,6 +5,7 @@
     anomaly-core predict models/export images/ --out predictions           # deploy/predict.py
     anomaly-core export-onnx models/export                                   # deploy/onnx.py
     anomaly-core serve models/export --port 8000                             # deploy/serve.py
+    anomaly-core review exp-a exp-b --out review-compare                     # review.py
 """
 from __future__ import annotations
 
@@ -191,8 +192,12 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
           batch_wait_ms: float = typer.Option(5.0, help="micro-batching window: concurrent requests arriving in it "
                                                         "share one forward pass"),
           max_batch: int = typer.Option(16, help="most images per forward pass"),
-          max_inflight: int = typer.Option(64, help="requests read and scored at once (bounds memory)")) -> None:
-    """Serve a bundle over HTTP: POST /predict, GET /health, GET /model, POST /reload, GET / (upload form)."""
+          max_inflight: int = typer.Option(64, help="requests read and scored at once (bounds memory)"),
+          review: Optional[Path] = typer.Option(None, help="the review page folder served at /review/ and shown on / "
+                                                           "(default: reports/review when it exists)"),
+          trim_idle_s: float = typer.Option(1.0, help="after this many seconds without a request, return freed "
+                                                      "memory to the OS (glibc malloc_trim; 0 = never)")) -> None:
+    """Serve a bundle over HTTP: POST /predict, GET /health, GET /model, POST /reload, GET / (upload form + review)."""
     import logging
 
     from anomaly_core.errors import DataError, WeightsError
@@ -211,7 +216,10 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
             token = token_file.read_text().strip()
             if not token:
                 raise DataError(f"--token-file {token_file}: empty")
-        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token)
+        if review is None and (Path("reports/review") / "index.html").is_file():
+            review = Path("reports/review")
+        cfg = ServeConfig(max_bytes, max_pixels, max_images, batch_wait_ms, max_batch, max_inflight, token, review,
+                          trim_idle_s=trim_idle_s)
         app_ = create_app(model_dir, cfg)
     except (DataError, WeightsError) as exc:
         _fail(exc)
@@ -219,6 +227,26 @@ def serve(model_dir: Path = typer.Argument(..., help="an exported bundle (models
         typer.echo(f"warning: serving on {host} without --token-file: anyone who reaches it can score and reload",
                    err=True)
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
+
+
+@app.command()
+def review(exp_a: str = typer.Argument(..., help="a `dvc exp` name, a git revision, or a folder holding verdicts.json"),
+           exp_b: str = typer.Argument(..., help="the same for the other experiment"),
+           out: Path = typer.Option(Path("review-compare"), help="output directory (its index.html is the page)"),
+           repo: Path = typer.Option(Path("."), help="the DVC repository the experiments belong to")) -> None:
+    """One page showing where two experiments' verdicts differ (their evaluate stages' reports/review/verdicts.json)."""
+    from anomaly_core.errors import DataError
+    from anomaly_core.review import load_verdicts, write_compare
+
+    try:
+        a, b = load_verdicts(exp_a, repo), load_verdicts(exp_b, repo)
+        diff = write_compare(a, b, out)
+    except (DataError, OSError, ValueError) as exc:
+        _fail(exc)
+    for m, parts in diff["methods"].items():
+        n = sum(len(p["differ"]) for p in parts.values())
+        typer.echo(f"{m:>16}: {n} of {sum(p['compared'] for p in parts.values())} verdicts differ")
+    typer.echo(f"wrote {out / 'index.html'}")
 
 
 if __name__ == "__main__":

@@ -286,6 +286,7 @@ class EvaluateConfig:
     max_fpr: float = 0.3      # AUPRO integration limit
     n_heatmaps: int = 4       # test images per category and method in reports/heatmaps
     pixel_size: int = 0       # side (px) of the pixel metrics: maps resized (bilinear), masks (nearest); 0 = the maps' own
+    review: bool = True       # write the review page reports/review/ (thumbnails, heatmaps, verdicts.json)
 
     def validate(self, section: str) -> None:
         Checks(section).open_unit(max_fpr=self.max_fpr).non_negative(n_heatmaps=self.n_heatmaps,

@@ -31,7 +31,7 @@ FIXED: dict[str, tuple[str, ...]] = {
     "train_image_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_image"),
     "fuse": ("task", "seed", "data.image_size", "fusion"),
     "classify": ("task", "seed", "data.val_fraction", "classification", "backbones.clip"),
-    "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate"),
+    "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate", "threshold"),  # threshold: the review page
     # the bundle records the backbones it scores with (and, added below, every method's score params);
     # `threshold` / `export` choose on val
     "export": ("task", "seed", "data", "features", "backbones", "export", "threshold"),

@@ -11,7 +11,7 @@ from typing import Callable
 
 from anomaly_core.errors import ConfigError, DataError, WeightsError
 
-__all__ = ["setup_environment", "tune_malloc", "progress_enabled", "error_lines", "friendly_errors"]
+__all__ = ["setup_environment", "tune_malloc", "release_memory", "progress_enabled", "error_lines", "friendly_errors"]
 
 
 def setup_environment() -> None:
@@ -37,6 +37,19 @@ def tune_malloc() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         return all(libc.mallopt(opt, value) == 1 for opt, value in ((-3, 64 << 20), (-1, 1 << 30), (-2, 256 << 20)))
+    except (OSError, AttributeError):
+        return False
+
+
+def release_memory() -> bool:
+    """glibc `malloc_trim(0)`: hand the free pages of every malloc arena back to the OS (what `tune_malloc`'s 1 GB
+    trim threshold keeps, and what the per-thread arenas of a server's request threads hold). False off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,25 @@ def _resize(x: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.nda
     return np.asarray(im, dtype=np.float32)
 
 
+@lru_cache(maxsize=1)
+def _jet() -> np.ndarray:
+    """float64 [256, 3] matplotlib's jet look-up table x 255 (what `colormaps["jet"](x)` reads)."""
+    import matplotlib
+
+    return matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255.0
+
+
+def _lut_index(x: np.ndarray) -> np.ndarray:
+    """int [..] the jet table row matplotlib picks for x in [0, 1] (x * 256 truncated, 1.0 -> 255)."""
+    return np.minimum((x * 256).astype(np.int64), 255)
+
+
 def map_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
     """uint8 [H, W, 3] image with the anomaly map [h, w] (stretched onto it, bilinear) in the jet colormap
     scaled to [vmin, vmax], alpha-blended on top."""
-    import matplotlib
-
     image = _rgb(image)
     m = (_resize(amap, image.shape[:2]) - vmin) / max(vmax - vmin, 1e-12)
-    colour = matplotlib.colormaps["jet"](np.clip(m, 0.0, 1.0))[..., :3] * 255.0  # [H, W, 3]
+    colour = _jet()[_lut_index(np.clip(m, 0.0, 1.0))]  # [H, W, 3]
     return ((1 - alpha) * image + alpha * colour).round().clip(0, 255).astype(np.uint8)
 
 

@@ -8,7 +8,8 @@
    CLIENTS threads post the images (raw bytes, `?category=` from the folder) until REQUESTS good requests and BAD
    bad uploads (corrupt, empty, GIF, too many pixels, cycled, spread evenly) are sent or TIME_LIMIT passes.
    Reported: good requests/s, p50/p95/p99 latency, errors (a good request not 200, a bad one not 4xx), the
-   server's RSS at start (after the warm-up), peak, and at the end; /health after the run.
+   server's RSS at start (--settle idle seconds after the warm-up), peak, and at the end (--settle idle seconds
+   after the last request; the server returns freed memory after --trim-idle-s idle); /health after the run.
 Prints one JSON object (also to --out). Loopback only: it starts its own server and talks to nothing else.
 """
 from __future__ import annotations
@@ -84,6 +85,9 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds for the load phase")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--trim-idle-s", type=float, default=1.0, help="the server's --trim-idle-s (0: never trim)")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="idle seconds before the start and the end RSS are read (both idle states)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -108,7 +112,8 @@ def main() -> None:
     log = open(tmp / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "anomaly_core.cli", "serve", str(args.bundle), "--host",
                                "127.0.0.1", "--port", str(port), "--batch-wait-ms", str(args.batch_wait_ms),
-                               "--max-batch", str(args.max_batch)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               "--max-batch", str(args.max_batch),
+                               "--trim-idle-s", str(args.trim_idle_s)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -133,6 +138,7 @@ def main() -> None:
             t.start()
         for t in warmers:
             t.join()
+        time.sleep(args.settle)  # start and end are both read after the same idle time
         rss = {"start": rss_mb(server.pid), "peak": rss_mb(server.pid)}
         stop = threading.Event()
 
@@ -188,7 +194,7 @@ def main() -> None:
         for t in threads:
             t.join()
         secs = time.perf_counter() - t0
-        time.sleep(1.0)
+        time.sleep(args.settle)
         stop.set()
         rss["end"] = rss_mb(server.pid)
         health = httpx.get(base + "/health", timeout=5).json()

@@ -4,7 +4,9 @@ from pathlib import Path
 import typer
 
 from anomaly_core import reporting as rp
+from anomaly_core import review
 from anomaly_core.config import EvaluateConfig, build
+from anomaly_core.deploy.thresholds import ThresholdConfig
 from anomaly_core.data import manifest as mf
 from anomaly_core.data.holdout import selection_protocol
 from anomaly_core.io import read_json, write_json, write_text
@@ -32,9 +34,9 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     protocol["selection"] = selection_protocol(rows, int(get(params, "seed")), get(params, "holdouts"))
     if get(params, "task") != "anomaly":
         return rp.classification_only(protocol, metrics, reports)
-    summary, per_category = rp.evaluate_methods(rows, rp.score_dirs(methods, scores, fused),
-                                                size, cfg.max_fpr, cfg.n_heatmaps, metrics, reports, progress(),
-                                                cfg.pixel_size)
+    dirs = rp.score_dirs(methods, scores, fused)
+    summary, per_category = rp.evaluate_methods(rows, dirs, size, cfg.max_fpr, cfg.n_heatmaps, metrics, reports,
+                                                progress(), cfg.pixel_size)
     write_json(metrics / "summary.json", {**summary, "_protocol": protocol})
     write_json(metrics / "per_category.json", {**per_category, "_protocol": protocol})
     write_json(metrics / "vpt_comparison.json", rp.baseline_comparison(per_category, get(params, "baselines")))
@@ -42,6 +44,9 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
     rp.alpha_curve_figure(fusion, reports)
     write_text(reports / "report.md", rp.report_markdown(summary, info, protocol, fusion,
                                                          rp.optional_json(metrics / "classification_details.json")))
+    if cfg.review:
+        review.write_review(rows, dirs, size, build(ThresholdConfig, get(params, "threshold"), "threshold"),
+                            int(get(params, "seed")), get(params, "holdouts"), per_category, reports)
     for method, m in summary.items():
         typer.echo(f"{method:>16}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))
 

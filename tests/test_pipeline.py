@@ -271,6 +271,14 @@ def test_demo_repro_outputs(demo_repo: Repo):
         assert (repo.root / "reports" / name).is_file(), name
     for method in METHODS + ["fusion"]:
         assert (repo.root / "metrics" / "plots" / "roc" / f"{method}.json").is_file(), method
+    # the review page: every method, and the exported method's thresholds are the bundle's (same rule, same rows)
+    assert (repo.root / "reports" / "review" / "index.html").is_file()
+    verdicts = repo.json("reports/review/verdicts.json")
+    assert list(verdicts["methods"]) == METHODS + ["fusion"] and verdicts["categories"] == DEMO_CATEGORIES
+    card = repo.json("models/export/model.json")
+    for cat in DEMO_CATEGORIES:
+        page_t = verdicts["methods"][card["method"]][cat]["threshold"]
+        assert abs(page_t - card["thresholds"][cat]["image"]) <= 1e-9 * max(1.0, abs(page_t)), (cat, page_t)
     # dvclive training curves: final values in `dvc exp show` / `dvc metrics show`, per-epoch rows for the plots
     for name in ("aaclip_text", "aaclip_image", "prompt_clip", "vpt_knn", "multi_prototype"):
         assert (repo.root / "metrics" / "train" / name / "metrics.json").is_file(), name

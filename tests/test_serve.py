@@ -232,3 +232,70 @@ def test_uvicorn_on_loopback_reload_under_concurrent_requests_drops_none(bundle,
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+
+
+def test_index_shows_the_review_page_of_the_bundles_method(bundle, tmp_path):
+    """`/` embeds the review page filtered to the bundle's method; /review/ serves it and its images, behind the
+    token like every route but /health; a --review folder without index.html is refused in one line."""
+    from anomaly_core import review
+    from anomaly_core.data import manifest as mf
+    from anomaly_core.deploy.serve import ServeConfig, create_app
+    from anomaly_core.deploy.thresholds import ThresholdConfig
+    from anomaly_core.errors import DataError
+    from anomaly_core.store import save_scores
+    from test_export import SIZE, tiny_knn_run
+
+    bdir = bundle[0]
+    rows, _, _, scores = tiny_knn_run(tmp_path / "run")
+    for split in ("val", "test"):
+        save_scores(tmp_path / "scores" / "knn" / f"{split}.safetensors", scores[split])
+    verdicts = review.write_review(rows, {"knn": tmp_path / "scores" / "knn"}, SIZE, ThresholdConfig(), 0, {}, {},
+                                   tmp_path / "reports")
+    cat = mf.categories(rows)[0]
+    thumb = verdicts["methods"]["knn"][cat]["images"][0]["thumb"]
+    with _client(bdir, review=tmp_path / "reports" / "review") as c:
+        page = c.get("/").text
+        assert "<form" in page and 'src="review/index.html?method=knn"' in page
+        r = c.get("/review/index.html")
+        assert r.status_code == 200 and 'class="threshold-line"' in r.text and 'data-method="knn"' in r.text
+        img = c.get(f"/review/{thumb}")
+        assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+        assert img.content == (tmp_path / "reports" / "review" / thumb).read_bytes()
+        assert c.get("/review/../model.json").status_code == 404
+    with _client(bdir, review=tmp_path / "reports" / "review", token="s3cret") as c:
+        assert c.get(f"/review/{thumb}").status_code == 401
+        assert c.get(f"/review/{thumb}", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    with _client(bdir) as c:
+        assert "--review reports/review" in c.get("/").text and c.get("/review/index.html").status_code == 404
+    with pytest.raises(DataError, match=r"--review .*nothing: no index.html there"):
+        create_app(bdir, ServeConfig(review=tmp_path / "nothing"))
+
+
+def test_idle_server_returns_freed_memory_once_per_idle_period(bundle):
+    """After --trim-idle-s without a request the server calls malloc_trim once (not again while still idle);
+    --trim-idle-s 0 never does."""
+    bdir, images, _ = bundle
+    cat, paths = next(iter(images.items()))
+    body = Path(paths[0]).read_bytes()
+    with _client(bdir, trim_idle_s=0.05) as c:
+        def predict_then_trims() -> int:  # memory_trims once the idle period after one request has been trimmed
+            before = c.get("/health").json()["memory_trims"]  # /health is no activity
+            assert c.post("/predict", params={"category": cat}, content=body,
+                          headers={"content-type": "image/png"}).status_code == 200
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                now = c.get("/health").json()["memory_trims"]
+                if now > before:
+                    return now - before
+                time.sleep(0.1)
+            raise AssertionError("no memory trim within 20 s of idleness")
+
+        assert predict_then_trims() == 1
+        first = c.get("/health").json()["memory_trims"]
+        time.sleep(0.5)  # still idle (health probes only): no second trim
+        assert c.get("/health").json()["memory_trims"] == first
+        assert predict_then_trims() == 1
+    with _client(bdir, trim_idle_s=0) as c:
+        c.post("/predict", params={"category": cat}, content=body, headers={"content-type": "image/png"})
+        time.sleep(0.3)
+        assert c.get("/health").json()["memory_trims"] == 0

@@ -61,6 +61,8 @@ class ServeConfig:
     max_batch: int = 16                # images per forward pass
     max_inflight: int = 64             # requests read / scored at once (bounds memory: max_inflight x body limit)
     token: Optional[str] = None        # bearer token (from --token-file); None: no auth
+    review: Optional[Path] = None      # the experiment's review page folder (reports/review), served at /review/
+    trim_idle_s: float = 1.0           # after this long without a request, freed memory goes back to the OS (0: never)
 
     def __post_init__(self):
         for name in ("max_bytes", "max_pixels", "max_images", "max_batch", "max_inflight"):
@@ -68,6 +70,8 @@ class ServeConfig:
                 raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.batch_wait_ms < 0:
             raise DataError(f"--batch-wait-ms {self.batch_wait_ms}: must be >= 0")
+        if self.trim_idle_s < 0:
+            raise DataError(f"--trim-idle-s {self.trim_idle_s}: must be >= 0")
 
 
 class BadInput(Exception):
@@ -278,6 +282,20 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     cfg = cfg or ServeConfig()
     scorer = Scorer(model or LoadedModel.load(bundle), cfg)
     inflight = {"sem": None}
+    activity = {"requests": 0, "running": 0, "trimmed_at": 0, "trims": 0, "last": time.monotonic()}
+
+    async def trim_when_idle():
+        """glibc keeps the memory of freed upload bodies, decoded images and batch tensors in its arenas (one per
+        request thread); once no request has arrived for `trim_idle_s`, give it back (`runtime.release_memory`)."""
+        from anomaly_core.runtime import release_memory
+
+        while True:
+            await asyncio.sleep(cfg.trim_idle_s / 2)
+            seen = activity["requests"]
+            idle = activity["running"] == 0 and time.monotonic() - activity["last"] >= cfg.trim_idle_s
+            if idle and seen != activity["trimmed_at"]:
+                await asyncio.get_running_loop().run_in_executor(scorer.pool, release_memory)
+                activity["trimmed_at"], activity["trims"] = seen, activity["trims"] + 1
 
     @asynccontextmanager
     async def lifespan(app):
@@ -298,11 +316,22 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
             pass
         log.info("serving %s (method %s, categories %s)", scorer.model.bundle, scorer.model.card.get("method"),
                  ", ".join(scorer.model.card["categories"]))
+        trimmer = loop.create_task(trim_when_idle()) if cfg.trim_idle_s > 0 else None
         yield
+        if trimmer is not None:
+            trimmer.cancel()
         await scorer.stop()
 
     app = FastAPI(title="anomaly_core", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scorer = scorer
+    app.state.activity = activity
+    review = Path(cfg.review) if cfg.review is not None else None
+    if review is not None:
+        if not (review / "index.html").is_file():
+            raise DataError(f"--review {review}: no index.html there (the evaluate stage writes reports/review/)")
+        from starlette.staticfiles import StaticFiles
+
+        app.mount("/review", StaticFiles(directory=str(review), html=True), name="review")
 
     def error(status: int, message: str, rid: str) -> JSONResponse:
         return JSONResponse({"error": message, "request_id": rid}, status_code=status, headers={"X-Request-ID": rid})
@@ -318,11 +347,18 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
                 return error(401, "missing bearer token (Authorization: Bearer <token>)", rid)
             if not hmac.compare_digest(auth[7:].strip().encode(), cfg.token.encode()):
                 return error(401, "wrong bearer token", rid)
+        counted = request.url.path != "/health"  # a load balancer's probes allocate nothing worth trimming
+        activity["running"] += counted
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - the last guard: the server stays up
             log.exception("request %s %s %s failed", rid, request.method, request.url.path)
             return error(500, f"internal error (request id {rid})", rid)
+        finally:
+            if counted:
+                activity["running"] -= 1
+                activity["requests"] += 1
+                activity["last"] = time.monotonic()
         response.headers["X-Request-ID"] = rid
         return response
 
@@ -340,7 +376,7 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     async def health():
         m = scorer.model
         return {"status": "ok", "method": m.card.get("method"), "categories": m.card["categories"],
-                "batches": scorer.batches, "loaded_at": m.loaded_at}
+                "batches": scorer.batches, "loaded_at": m.loaded_at, "memory_trims": activity["trims"]}
 
     @app.get("/model")
     async def card():
@@ -348,7 +384,7 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(_index_html(scorer.model))
+        return HTMLResponse(_index_html(scorer.model, review is not None))
 
     @app.post("/reload")
     async def reload(request: Request, bundle: Optional[str] = None):
@@ -430,8 +466,9 @@ def create_app(bundle: str | Path, cfg: ServeConfig | None = None, model: Loaded
     return app
 
 
-def _index_html(model: LoadedModel) -> str:
-    """The bundle's page: its card summary and an upload form posting to /predict (no external resources)."""
+def _index_html(model: LoadedModel, review: bool = False) -> str:
+    """The bundle's page: its card summary, an upload form posting to /predict and, with `review`, the experiment's
+    review page (/review/) filtered to the bundle's method (no external resources)."""
     import html
     import json
 
@@ -464,4 +501,18 @@ document.getElementById('f').onsubmit = async (e) => {{
     out.appendChild(d);
   }}
 }};
-</script></body></html>"""
+</script>{_review_frame(model, review)}</body></html>"""
+
+
+def _review_frame(model: LoadedModel, review: bool) -> str:
+    """The review page of the bundle's method (test images by score, val threshold, FP / FN), or where to get it."""
+    import html
+    from urllib.parse import quote
+
+    if not review:
+        return ("<h2>Review</h2><p>No review page served: start with <code>--review reports/review</code> (written by "
+                "<code>dvc repro evaluate</code>).</p>")
+    url = f"review/index.html?method={quote(str(model.card.get('method', '')))}"
+    return (f'<h2>Review: {html.escape(str(model.card.get("method")))} on the test split</h2><p><a href="{url}">open '
+            f'full page</a> (all methods: <a href="review/index.html">review/</a>)</p>'
+            f'<iframe id="review" src="{url}" style="width:100%;height:80vh;border:1px solid #ccc"></iframe>')
