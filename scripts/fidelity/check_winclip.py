@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import Ctx, Row, row, run_peer
+from common import Ctx, Row, diff, row, run_peer
 
 SRC = "anomalib 2.7.0 (PyPI) WinClip"
 ARCH, SIZE, CLASS = "ViT-B-16-plus-240", 240, "washer"
@@ -131,7 +131,7 @@ def _tensor_rows(ctx: Ctx, inp: dict, off: dict) -> list[Row]:
         ours_anchor = clip.text_anchors([p["normal"], p["anomalous"]])
         theirs = F.normalize(p["text_embeddings"], dim=-1)
         cos = (ours_anchor * theirs).sum(-1)
-        a, r = _d(ours_anchor, theirs)
+        a, r = diff(ours_anchor, theirs)
         rows.append(Row("zero_shot_clip", SRC, "ensemble anchors: ours (normalise each prompt, mean, normalise) vs "
                         "WinCLIP's (mean of raw, normalised by its cosine)", a, r, 0.0, None,
                         f"by design: on the same {len(prompts)} prompts cosine(ours, WinCLIP) = "
@@ -150,12 +150,6 @@ def _tensor_rows(ctx: Ctx, inp: dict, off: dict) -> list[Row]:
                         p["patch_scores"], notes="WinCLIP itself never scores single patches zero-shot: its finest "
                         "scale is 2x2 windows (see the map row)"))
     return rows
-
-
-def _d(a, b):
-    from common import diff
-
-    return diff(a, b)
 
 
 def _demo_effect(ctx: Ctx) -> tuple[list[Row], dict]:
