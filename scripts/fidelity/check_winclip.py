@@ -103,7 +103,7 @@ def _tensor_rows(ctx: Ctx, inp: dict, off: dict) -> list[Row]:
     # prompt lists: compared as sets (the difference is by design: our lists are the seed's)
     n_ours, a_ours = build_prompts(CLASS)
     same_t = sorted(set(TEMPLATES) & set(off["templates"]))
-    note = (f"by design (the seed's lists): ours {len(NORMAL_STATES)} normal x {len(ABNORMAL_STATES)} abnormal "
+    note = (f"ours {len(NORMAL_STATES)} normal x {len(ABNORMAL_STATES)} abnormal "
             f"states x {len(TEMPLATES)} templates = {len(n_ours)}+{len(a_ours)} prompts, WinCLIP "
             f"{len(off['normal_states'])} x {len(off['anomalous_states'])} x {len(off['templates'])} = "
             f"{len(p['normal'])}+{len(p['anomalous'])} (its template list holds 'a jpeg corrupted photo of the {{}}.'"
@@ -114,7 +114,7 @@ def _tensor_rows(ctx: Ctx, inp: dict, off: dict) -> list[Row]:
             f"ours not in WinCLIP's: {sorted(set(TEMPLATES) - set(off['templates']))}")
     shared = len(set(n_ours + a_ours) & set(p["normal"] + p["anomalous"]))
     rows.append(Row("zero_shot_clip", SRC, "prompt lists (states x templates, class 'washer')", None, None, 0.0,
-                    None, f"{shared} prompts in both ensembles; " + note))
+                    None, f"by design (the seed's lists): {shared} prompts in both ensembles; " + note))
     clip = ClipBackbone(ARCH, inp["weights"], levels=[12])
     prompts = p["normal"] + p["anomalous"]
     tok = clip.tokenize(prompts)
