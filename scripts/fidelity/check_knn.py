@@ -53,7 +53,4 @@ def check(ctx: Ctx) -> list[Row]:
     rows.append(row("knn", SRC, "re-weighted image scores (b = 9)", image, off["image"],
                     notes="coreset projection: ours Gaussian (knn.coreset_dim, seeded), anomalib's sparse random "
                           "projection (eps 0.9): picks agree given the same projection, differ otherwise"))
-    rows.append(Row("knn", "dammsi/AnomalyDINO", "masking and scoring on DINOv2 tokens", tol=0.0, notes=(
-        "not compared: our kNN has no DINO branch or AnomalyDINO's zero-shot masking; the visual branch is "
-        "PatchCore's (compared above)")))
     return rows
