@@ -90,3 +90,33 @@ def test_partial_timm_weights_load_when_allowed(tmp_path):
     # 15 of the 18 dropped entries: BatchNorm's num_batches_tracked counters are not counted missing by torch
     assert sorted(bb.missing_tensors) == [k for k in dropped if not k.endswith("num_batches_tracked")]
     assert len(bb.missing_tensors) == 15
+
+
+def test_dinov2_vit_builds_at_the_backbone_size_and_matches_timm(tmp_path):
+    """A DINOv2 ViT-S/14 visual branch: built at 224 px (16 x 16 tokens), its level-11 map equals the patch tokens
+    of timm's own model run block by block; a checkpoint saved at DINOv2's 518 px loads with its position embedding
+    resampled exactly as timm's pretrained loader does."""
+    import timm
+    from safetensors.torch import save_file
+
+    name = "vit_small_patch14_dinov2"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        full518 = timm.create_model(name, pretrained=False)  # DINOv2's default 518 px: 37 x 37 + 1 positions
+    assert full518.state_dict()["pos_embed"].shape[1] == 1370
+    save_file({k: v.contiguous() for k, v in full518.state_dict().items()}, str(tmp_path / "dino.safetensors"))
+    bb = create_backbone(name, str(tmp_path / "dino.safetensors"), [5, 11], 224)
+    assert bb.missing_tensors == [] and bb.channels == [384, 384] and bb.reductions == [14, 14]
+    ref = timm.create_model(name, pretrained=True, img_size=224,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "dino.safetensors")))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        levels = bb(x)["levels"]
+        t = ref.norm_pre(ref._pos_embed(ref.patch_embed(x)))
+        for block in ref.blocks:
+            t = block(t)
+    assert [tuple(v.shape) for v in levels] == [(2, 384, 16, 16)] * 2
+    want = t[:, ref.num_prefix_tokens:].reshape(2, 16, 16, -1).permute(0, 3, 1, 2)
+    assert torch.allclose(levels[1], want, atol=1e-5)
+    random = create_backbone(name, "random", [11], 224)  # random weights build too (seeded)
+    assert tuple(random(x[:1])["levels"][0].shape) == (1, 384, 16, 16)

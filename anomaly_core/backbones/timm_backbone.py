@@ -24,15 +24,35 @@ def unloaded_error(pretrained: str, model: str, missing: list[str], total: int) 
                         "of this architecture (or set the backbone's allow_partial_weights: true to keep them random)")
 
 
-def _build(name: str, pretrained: str | None, allow_partial: bool = False) -> tuple[nn.Module, list[str]]:
+def is_vit_name(name: str) -> bool:
+    return "vit" in name or "dino" in name
+
+
+def fit_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A ViT checkpoint's absolute position embedding [1, prefix + g*g, D] resampled (bicubic, timm's rule) to the
+    model's grid when the checkpoint was saved at another image size (DINOv2: 518 px); other tensors unchanged."""
+    want = model.state_dict().get("pos_embed")
+    have = state.get("pos_embed")
+    if want is None or have is None or have.shape == want.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    grid = model.patch_embed.grid_size
+    return {**state, "pos_embed": resample_abs_pos_embed(have, new_size=list(grid), num_prefix_tokens=prefix)}
+
+
+def _build(name: str, pretrained: str | None, allow_partial: bool = False,
+           image_size: int | None = None) -> tuple[nn.Module, list[str]]:
     """A full timm model (with head) carrying the requested weights, and the backbone tensors a local weights file
-    left unloaded (refused unless `allow_partial`)."""
+    left unloaded (refused unless `allow_partial`). ViTs are built at `image_size` (their position embedding's grid)."""
     import timm
 
+    kwargs = {"img_size": image_size} if image_size and is_vit_name(name) else {}
     if is_random(pretrained):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same untrained weights in every stage and process
-            return timm.create_model(name, pretrained=False), []
+            return timm.create_model(name, pretrained=False, **kwargs), []
     if pretrained == EFFNET_LITE0_PACKAGE:
         if name != "efficientnet_lite0":
             raise ConfigError(f"pretrained={EFFNET_LITE0_PACKAGE} only fits efficientnet_lite0, not {name}")
@@ -42,8 +62,8 @@ def _build(name: str, pretrained: str | None, allow_partial: bool = False) -> tu
     if is_local_file(pretrained):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # tensors a partial file leaves unloaded are the same in every stage and process
-            model = timm.create_model(name, pretrained=False)
-        state = load_state_dict_file(pretrained)
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        state = fit_pos_embed(load_state_dict_file(pretrained), model)
         missing, _ = model.load_state_dict(state, strict=False)
         head = model.pretrained_cfg.get("classifier") or "classifier"  # unused by the features_only backbone
         heads = (head,) if isinstance(head, str) else tuple(head)
@@ -52,7 +72,7 @@ def _build(name: str, pretrained: str | None, allow_partial: bool = False) -> tu
             raise unloaded_error(pretrained, f"timm model {name}", missing, len(model.state_dict()))
         return model, missing
     try:  # a hub tag such as "timm/vit_small_patch14_dinov2.lvd142m" or "default"
-        return timm.create_model(name if pretrained in ("default", "hub") else pretrained, pretrained=True), []
+        return timm.create_model(name if pretrained in ("default", "hub") else pretrained, pretrained=True, **kwargs), []
     except Exception as exc:
         raise WeightsError(
             f"cannot load timm weights '{pretrained}' for {name} offline ({type(exc).__name__}); "
@@ -74,16 +94,19 @@ class TimmBackbone(nn.Module):
         self.untrained = is_random(pretrained)
         self.levels = [int(v) for v in levels]
         self.image_size = int(image_size)
-        full, self.missing_tensors = _build(name, pretrained, allow_partial_weights)
+        self.is_vit = is_vit_name(name)
+        full, self.missing_tensors = _build(name, pretrained, allow_partial_weights, self.image_size)
         cfg = full.pretrained_cfg or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        self.is_vit = "vit" in name or "dino" in name
         kwargs = {"img_size": self.image_size} if self.is_vit else {}
         try:
             self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(self.levels), **kwargs)
         except (IndexError, ValueError, AssertionError) as exc:
             raise ConfigError(f"backbones.visual.levels={self.levels} do not exist for {name}: {exc}") from exc
-        missing, _ = self.model.load_state_dict(full.state_dict(), strict=False)
+        state = full.state_dict()
+        if all(k.startswith("model.") for k in self.model.state_dict()):  # ViTs: timm's FeatureGetterNet wraps the model
+            state = {f"model.{k}": v for k, v in state.items()}
+        missing, _ = self.model.load_state_dict(state, strict=False)
         if missing:
             raise WeightsError(f"{name}: features_only model lacks {len(missing)} weights, e.g. {missing[0]}")
         self.model.eval().requires_grad_(False)

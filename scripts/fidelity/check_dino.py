@@ -92,9 +92,8 @@ def check(ctx: Ctx) -> list[Row]:
                     "tokens vs AnomalyDINO", a, r, 0.0, None, (
                         f"by design: map Pearson r {c:.3f} with AnomalyDINO's (scales differ: L2 vs cosine distance); "
                         f"image scores ours {', '.join(f'{v:.3f}' for v in img_o)} (good, defect) vs AnomalyDINO "
-                        f"{', '.join(f'{v:.4f}' for v in off['image']['unmasked'])}; our timm visual backbone "
-                        f"cannot build {NAME} today (TimmBackbone: 'features_only model lacks 172 weights', see "
-                        "README), so these tokens come from timm directly")))
+                        f"{', '.join(f'{v:.4f}' for v in off['image']['unmasked'])}; the tokens come from timm "
+                        f"directly ({NAME} as our visual backbone builds the same maps: tests/test_backbones.py)")))
     if ctx.fixtures is not None:
         ctx.save_fixture("dino", {"inputs": {"ref": ref.half(), "test": test.half(), "grid": (g, g), "size": SIZE},
                                   "official": {"patch": off["patch"]["unmasked"], "image": off["image"]["unmasked"],
