@@ -192,6 +192,18 @@ def _images(rows, root: Path) -> list[str]:
                  for r in rows if r.category == cat and r.split in ("val", "test")]
 
 
+def _edited_bundle(bundle: Path, tmp_path: Path, edit) -> tuple[Path, dict]:
+    """A copy of `bundle` whose model.json was changed in place by `edit(card)`: (the copy, the edited card)."""
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    card = json.loads((copy / "model.json").read_text())
+    edit(card)
+    (copy / "model.json").write_text(json.dumps(card))  # json writes NaN as NaN
+    return copy, card
+
+
 def test_kill_during_predict_then_resume_gives_the_uninterrupted_csv(tiny, tmp_path, monkeypatch):
     """On main predict writes predictions.csv once at the end (a kill loses every row) and has no --resume."""
     import torch
@@ -253,18 +265,16 @@ def test_fresh_predict_removes_older_outputs_and_resume_refuses_another_category
 @pytest.mark.parametrize("value", [None, float("nan"), "missing"])
 def test_predict_refuses_a_missing_or_nan_threshold(tiny, tmp_path, value):
     """On main a missing threshold became NaN and `s >= nan` reported every image normal, exit 0."""
-    import shutil
-
     root, rows, bundle = tiny
     cat, images = _images(rows, root)
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    card = json.loads((copy / "model.json").read_text())
-    if value == "missing":
-        del card["thresholds"][cat]
-    else:
-        card["thresholds"][cat]["image"] = value
-    (copy / "model.json").write_text(json.dumps(card))  # json writes NaN as NaN
+
+    def edit(card):
+        if value == "missing":
+            del card["thresholds"][cat]
+        else:
+            card["thresholds"][cat]["image"] = value
+
+    copy, _ = _edited_bundle(bundle, tmp_path, edit)
     res = CliRunner().invoke(app, ["predict", str(copy), images[0], "--out", str(tmp_path / "o"), "--category", cat])
     assert res.exit_code == 2 and f"thresholds.{cat}.image" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o" / "predictions.csv").exists()
@@ -297,17 +307,12 @@ def test_collect_refuses_an_output_inside_a_dvc_output(tmp_path):
 
 def test_predict_caps_a_transductive_pool_with_a_memory_estimate(tiny, tmp_path):
     """On main a MuSc bundle put every input in one pool (n x P x n floats) with no cap."""
-    import shutil
-
     from anomaly_core.deploy.predict import pool_memory_bytes
 
     root, rows, bundle = tiny
     cat, images = _images(rows, root)
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    card = json.loads((copy / "model.json").read_text())
-    card["transductive"] = True  # refused before any model is loaded
-    (copy / "model.json").write_text(json.dumps(card))
+    # transductive: refused before any model is loaded
+    copy, card = _edited_bundle(bundle, tmp_path, lambda card: card.update(transductive=True))
     res = CliRunner().invoke(app, ["predict", str(copy), *images[:3], "--out", str(tmp_path / "o"), "--category", cat,
                                    "--pool-size", "2"])
     gb = pool_memory_bytes(card, 3) / 1e9
@@ -320,20 +325,18 @@ def test_predict_caps_a_transductive_pool_with_a_memory_estimate(tiny, tmp_path)
 @pytest.mark.parametrize("edit", ["weights", "category", "absolute"])
 def test_a_crafted_card_cannot_name_files_outside_its_bundle(tiny, tmp_path, edit):
     """On main a card's `weights`, member `dir` and category names were joined into paths unchecked."""
-    import shutil
-
     root, rows, bundle = tiny
     cat, images = _images(rows, root)
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    card = json.loads((copy / "model.json").read_text())
-    if edit == "weights":
-        card["backbone"]["visual"]["weights"] = "../../outside.safetensors"
-    elif edit == "absolute":
-        card["backbone"]["visual"]["weights"] = str(bundle / "backbone_visual.safetensors")
-    else:
-        card["categories"].append("../../x")
-    (copy / "model.json").write_text(json.dumps(card))
+
+    def craft(card):
+        if edit == "weights":
+            card["backbone"]["visual"]["weights"] = "../../outside.safetensors"
+        elif edit == "absolute":
+            card["backbone"]["visual"]["weights"] = str(bundle / "backbone_visual.safetensors")
+        else:
+            card["categories"].append("../../x")
+
+    copy, _ = _edited_bundle(bundle, tmp_path, craft)
     res = CliRunner().invoke(app, ["predict", str(copy), images[0], "--out", str(tmp_path / "o"), "--category", cat])
     assert res.exit_code == 2 and "refusing the bundle" in res.output and len(res.output.strip().splitlines()) == 1
 
