@@ -6,32 +6,32 @@ the family.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from anomaly_core.backbones.clip import TINY_CLIP, ClipBackbone, is_open_clip_name
-from anomaly_core.backbones.timm_backbone import TimmBackbone
+from anomaly_core.backbones.names import TINY_CLIP, open_clip_vision, resolve_name
 from anomaly_core.backbones.weights import check_weights
 from anomaly_core.errors import ConfigError
+
+if TYPE_CHECKING:  # torch, timm and open_clip load when a backbone is built, not to check params (`validate`)
+    import torch
+
+    from anomaly_core.backbones.clip import ClipBackbone
+    from anomaly_core.backbones.timm_backbone import TimmBackbone
 
 __all__ = ["create_backbone", "backbone_from_config", "check_backbone", "resolve_name", "ClipBackbone", "TimmBackbone", "TINY_CLIP", "preprocess"]
 
 
-def resolve_name(name: str, key: str = "backbone") -> tuple[str, str]:
-    """`name` -> ("open_clip" | "timm", model name); ConfigError naming `key` when neither library knows it."""
-    if name.startswith("open_clip:"):
-        return "open_clip", name.split(":", 1)[1]
-    if name.startswith("timm:"):
-        return "timm", name.split(":", 1)[1]
-    if is_open_clip_name(name):
-        return "open_clip", name
-    import timm
+def __getattr__(name: str):
+    """The backbone classes, imported (with torch) on first use."""
+    if name == "ClipBackbone":
+        from anomaly_core.backbones.clip import ClipBackbone
 
-    if not timm.list_models(name):
-        raise ConfigError(f"{key}={name!r}: unknown backbone, not an open_clip model config nor a timm model name "
-                          f"(e.g. {TINY_CLIP}, ViT-L-14-336, efficientnet_lite0)")
-    return "timm", name
+        return ClipBackbone
+    if name == "TimmBackbone":
+        from anomaly_core.backbones.timm_backbone import TimmBackbone
+
+        return TimmBackbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_backbone(name: str, pretrained: str | None, levels: Sequence[int], image_size: int | None = None,
@@ -40,6 +40,9 @@ def create_backbone(name: str, pretrained: str | None, levels: Sequence[int], im
 
     A local weights file that leaves backbone tensors unloaded is a WeightsError unless `allow_partial_weights`;
     the backbone's `missing_tensors` lists them (they keep a seeded random initialisation)."""
+    from anomaly_core.backbones.clip import ClipBackbone
+    from anomaly_core.backbones.timm_backbone import TimmBackbone
+
     family, model = resolve_name(name)
     if family == "open_clip":
         return ClipBackbone(model, pretrained, levels, image_size, allow_partial_weights)
@@ -55,9 +58,7 @@ def check_backbone(key: str, name: str, pretrained: str | None, levels: Sequence
     """
     family, model = resolve_name(name, f"{key}.name")
     if family == "open_clip":
-        import open_clip
-
-        vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
+        vision = open_clip_vision(model)
         depth, native = vision.get("layers"), vision.get("image_size")
         if isinstance(depth, int):
             bad = [v for v in levels if not 1 <= int(v) <= depth]
@@ -71,6 +72,7 @@ def check_backbone(key: str, name: str, pretrained: str | None, levels: Sequence
 def preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> normalised float [B, 3, size, size] (kornia resize, bilinear with antialias)."""
     import kornia
+    import torch
 
     x = images.permute(0, 3, 1, 2).float() / 255.0
     if x.shape[-2:] != (size, size):
@@ -80,6 +82,8 @@ def preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequ
 
 def backbone_from_config(raw: dict, key: str, device: torch.device | None = None):
     """(BackboneConfig, frozen backbone on `device`) from a params section such as `backbones.clip` (`key`)."""
+    import torch
+
     from anomaly_core.config import BackboneConfig, build
 
     cfg = build(BackboneConfig, raw, key)

@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomaly_core.backbones.names import CONFIG_DIR, TINY_CLIP  # noqa: F401 (re-exported)
 from anomaly_core.backbones.weights import is_local_file, is_random
 from anomaly_core.errors import ConfigError, WeightsError
 
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
-CONFIG_DIR = Path(__file__).parent / "configs"
-TINY_CLIP = "anomaly-core-tiny-clip"
 RANDOM_INIT_SEED = 0  # untrained CLIP weights are a fixed function of the architecture
 _registered = False
 

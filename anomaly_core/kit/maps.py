@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import kornia
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +18,8 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
     k = 2 * math.ceil(4 * sigma) + 1
+    import kornia  # here, not at import: `validate` imports the methods for their configs only
+
     return kornia.filters.gaussian_blur2d(maps[:, None], (k, k), (sigma, sigma), border_type="reflect")[:, 0]
 
 

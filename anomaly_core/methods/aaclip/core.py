@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import kornia
 import torch
 import torch.nn.functional as F
 
@@ -186,6 +185,8 @@ def test_map(tokens: torch.Tensor | Sequence[torch.Tensor], anchors: torch.Tenso
     p = _grid_logits(tokens, anchors, grid, scale).softmax(dim=1)  # [B, 2, g, g]
     m = ((p[:, 1] + 1.0 - p[:, 0]) / 2.0)[:, None]  # [B, 1, g, g]
     if sigma > 0:
+        import kornia
+
         m = kornia.filters.gaussian_blur2d(m, (ksize, ksize), (sigma, sigma), border_type="reflect")
     return F.interpolate(m, size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0]
 
