@@ -13,23 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_core.backbones.names import CONFIG_DIR, TINY_CLIP  # noqa: F401 (re-exported)
+from anomaly_core.backbones.names import CONFIG_DIR, TINY_CLIP, register_configs  # noqa: F401 (re-exported)
 from anomaly_core.backbones.weights import is_local_file, is_random
 from anomaly_core.errors import ConfigError, WeightsError
 
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
 RANDOM_INIT_SEED = 0  # untrained CLIP weights are a fixed function of the architecture
-_registered = False
-
-
-def register_configs() -> None:
-    """Make the project's shipped open_clip configs (e.g. the tiny demo CLIP) known to open_clip."""
-    global _registered
-    if not _registered:
-        import open_clip
-
-        open_clip.add_model_config(CONFIG_DIR)
-        _registered = True
 
 
 def is_open_clip_name(name: str) -> bool:

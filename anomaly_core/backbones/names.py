@@ -24,6 +24,17 @@ from anomaly_core.errors import ConfigError
 TINY_CLIP = "anomaly-core-tiny-clip"
 CONFIG_DIR = Path(__file__).parent / "configs"   # the project's open_clip configs (the tiny demo CLIP)
 TIMM_NAMES = Path(__file__).parent / "timm_names.json"
+_registered = False
+
+
+def register_configs() -> None:
+    """Make the project's shipped open_clip configs (e.g. the tiny demo CLIP) known to open_clip (imports it)."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
 
 
 def _installed(dist: str) -> str | None:
@@ -70,9 +81,10 @@ def is_open_clip_name(name: str) -> bool:
     configs = open_clip_configs()
     if configs is not None:
         return name in configs
-    from anomaly_core.backbones.clip import is_open_clip_name as ask_open_clip
+    import open_clip
 
-    return ask_open_clip(name)
+    register_configs()
+    return name in open_clip.list_models()
 
 
 def is_timm_name(name: str) -> bool:
@@ -105,8 +117,6 @@ def open_clip_vision(model: str) -> dict[str, Any]:
     if configs is not None and model in configs:
         return dict(configs[model].get("vision_cfg", {}))
     import open_clip
-
-    from anomaly_core.backbones.clip import register_configs
 
     register_configs()
     return (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
