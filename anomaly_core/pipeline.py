@@ -27,8 +27,11 @@ FIXED: dict[str, tuple[str, ...]] = {
     # hashes the files params name (data.root, weights files, aaclip.train_data.root); backbones added below
     "fingerprint": ("seed", "data"),
     "features": ("task", "features"),
-    "train_text_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_text"),
-    "train_image_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip", "aaclip_image"),
+    # aaclip.scoring is read by score@aaclip only
+    "train_text_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip.holdout_fraction",
+                           "aaclip.train_data", "aaclip_text"),
+    "train_image_adapter": ("task", "seed", "data.image_size", "backbones.clip", "aaclip.holdout_fraction",
+                            "aaclip.train_data", "aaclip_image"),
     "fuse": ("task", "seed", "data.image_size", "fusion"),
     "classify": ("task", "seed", "data.val_fraction", "classification", "backbones.clip"),
     "evaluate": ("task", "data.image_size", "data.val_fraction", "evaluate", "threshold"),  # threshold: the review page

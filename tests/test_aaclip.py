@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anomaly_core.backbones import create_backbone, preprocess
-from anomaly_core.errors import ConfigError, WeightsError
+from anomaly_core.errors import ConfigError, DataError, WeightsError
 from anomaly_core.kit.losses import dice_loss, focal_loss, orthogonal_loss, seg_loss
 from anomaly_core.kit.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, build_prompts
 from anomaly_core.methods.aaclip import api as A
@@ -266,6 +266,74 @@ def test_score_images_without_image_adapters(tiny, synthetic):
         g = torch.nn.functional.normalize(out["global"], dim=-1)
         expected = A.det_probability(g, anchors["metal_nut"].expand(3, -1, -1))
     assert torch.allclose(scores, expected, atol=1e-5)  # image_weight 1: the global-embedding probability
+
+
+def test_score_images_official_scoring_is_test_py_over_the_whole_call(tiny, synthetic):
+    """aaclip.scoring official: raw-logit maps and (det . abnormal + 1) / 2, min-max normalised over every image of
+    the call (not per batch), image score 0.5 max(map) + 0.5 image."""
+    with torch.no_grad():
+        anchors = {"metal_nut": A.class_anchors(tiny, None, ["metal_nut"])[0]}
+    cfg = A.ImageAdapterConfig(image_size=224)
+    images, names = synthetic[0], synthetic[3]
+    s4, m4 = A.score_images(tiny, None, anchors, images, names, cfg, out_size=64, batch_size=4, scoring="official")
+    s6, m6 = A.score_images(tiny, None, anchors, images, names, cfg, out_size=64, batch_size=6, scoring="official")
+    assert torch.allclose(s4, s6, atol=1e-6) and torch.allclose(m4, m6, atol=1e-6)
+    assert float(m4.min()) == pytest.approx(0.0, abs=1e-6) and float(m4.max()) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        seg, det = A.encode_images(tiny, None, preprocess(images, 224, tiny.mean, tiny.std))
+        a = anchors["metal_nut"].expand(6, -1, -1)
+        raw = sum(A.similarity_map(t, a, tiny.grid, 64) for t in seg)  # [6, 2, 64, 64] logits (align_corners=True)
+    image = ((det * a[:, 1]).sum(-1) + 1) / 2
+    image = (image - image.min()) / (image.max() - image.min())
+    assert torch.allclose(s4, 0.5 * image + 0.5 * m4.flatten(1).max(1).values, atol=1e-5)
+    # without blur the map is the min-max of the summed (l_abnormal + 1 - l_normal) / 2 of the upsampled logits
+    flat = A.ImageAdapterConfig(image_size=224, sigma=0.0)
+    _, m0 = A.score_images(tiny, None, anchors, images, names, flat, out_size=64, scoring="official")
+    want = (raw[:, 1] + len(seg) - raw[:, 0]) / 2
+    assert torch.allclose(m0, (want - want.min()) / (want.max() - want.min()), atol=1e-4)
+    with pytest.raises(ConfigError, match="aaclip.scoring"):
+        A.score_images(tiny, None, anchors, images, names, cfg, scoring="paper")
+
+
+def test_official_scoring_is_not_exportable():
+    from anomaly_core.deploy.bundle import BundleInputs
+    from anomaly_core.deploy.generic import write_bundle
+    from anomaly_core.methods import get_method
+
+    m = get_method("aaclip")
+    assert m.unexportable({"aaclip": {"scoring": "softmax"}}) == ""
+    params = {"score": {"aaclip": {"aaclip": {"scoring": "official"}}}, "backbones": {}}
+    with pytest.raises(ConfigError, match="aaclip.scoring=official"):
+        write_bundle(BundleInputs([], None, None, params, "aaclip"), None, {})
+
+
+def test_train_text_adapters_on_dpam_tokens(tiny, cached, synthetic):
+    """aaclip_text.dpam: every batch's image tokens are the DPAM tokens of that batch's images (dpam.dpam_levels),
+    not the cache: the untrained loss (history[0], batches in order) is recomputed by hand from them."""
+    from anomaly_core.methods.aaclip.dpam import dpam_levels
+
+    images, masks = synthetic[0], cached[0]["masks"]
+    data = [{**cached[0], "images": images}]
+    cfg = A.TextAdapterConfig(epochs=1, batch_size=3, lr=1e-3, adapt_until=2, dpam=True, dpam_layer=4)
+    _, _, hist = A.train_text_adapters(tiny, data, cfg, progress=False)
+    _, _, plain = A.train_text_adapters(tiny, cached, A.TextAdapterConfig(epochs=0, batch_size=3, adapt_until=2),
+                                        progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        ta = A.TextAdapters.for_backbone(tiny, 2, 0.1, "project")
+    with torch.no_grad():
+        anchors = A.class_anchors(tiny, ta, ["metal_nut"]).expand(3, -1, -1)
+        total = 0.0
+        for idx in ([0, 1, 2], [3, 4, 5]):
+            lv = dpam_levels(tiny.model.visual, preprocess(images[idx], 224, tiny.mean, tiny.std), tiny.levels, 4)
+            glob = cached[0]["global"][idx].float()
+            total += 3 * float(A.text_stage_loss(lv, glob, masks[idx], anchors, tiny.grid, 0.1)[0])
+    assert hist[0]["loss"] == pytest.approx(total / 6, rel=1e-5)
+    assert abs(hist[0]["loss"] - plain[0]["loss"]) > 1e-3 * plain[0]["loss"]  # not the cached tokens
+    with pytest.raises(ConfigError, match="aaclip_text.dpam_layer=6"):
+        A.train_text_adapters(tiny, data, A.TextAdapterConfig(epochs=0, dpam=True, dpam_layer=6), progress=False)
+    with pytest.raises(DataError, match="aaclip_text.dpam"):
+        A.train_text_adapters(tiny, cached, A.TextAdapterConfig(epochs=0, dpam=True, dpam_layer=4), progress=False)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -135,6 +135,52 @@ def test_aaclip_training_map_and_losses_match_official(aaclip):
     assert _rel(loss2, off["image_loss"]) < 1e-5
 
 
+def test_aaclip_dpam_tokens_match_official(aaclip):
+    """aaclip_text.dpam: our DPAM blocks on the small ViT reproduce model/transformer.py's DAPM_replace tokens, for
+    the batch of 3 and for its first image alone (the official attention runs over the images of the batch)."""
+    from open_clip.transformer import VisionTransformer
+
+    from anomaly_core.methods.aaclip.dpam import dpam_levels
+
+    dp, off = aaclip["inputs"]["dpam"], aaclip["official"]["dpam"]
+    vit = VisionTransformer(**dp["config"]).eval()
+    vit.load_state_dict(dp["state"])
+    batch = dpam_levels(vit, dp["images"], dp["levels"], dp["dpam_layer"])
+    alone = dpam_levels(vit, dp["images"][:1], dp["levels"], dp["dpam_layer"])
+    for j in range(len(dp["levels"])):
+        assert _rel(batch[j], off["tokens"][j]) < 1e-4, j
+        assert _rel(alone[j], off["first_alone"][j]) < 1e-4, j
+    # the fixture can tell: DPAM moves the last two levels off the plain tokens, and image 0 off its batch value
+    assert _rel(off["plain"][0], off["tokens"][0]) < 1e-6  # level 1 precedes the DPAM blocks
+    assert min(_rel(off["plain"][j], off["tokens"][j]) for j in (1, 2)) > 0.1
+    assert min(_rel(off["first_alone"][j][0], off["tokens"][j][0]) for j in (1, 2)) > 0.05
+
+
+def test_aaclip_official_scoring_matches_test_py(aaclip):
+    """aaclip.scoring official: test.py's raw maps (summed over levels), metrics_eval's min-max normalisation and
+    image score 0.5 max(map) + 0.5 image, and its AUROCs."""
+    from sklearn.metrics import roc_auc_score
+
+    from anomaly_core.methods.aaclip.core import official_scores, official_test_map, test_map
+
+    inp, off = aaclip["inputs"], aaclip["official"]
+    anchors = inp["text"].transpose(1, 2)
+    grid, size = int(inp["patch"].shape[1] ** 0.5), inp["masks"].shape[-1]
+    assert _rel(official_test_map([inp["patch"]], anchors, grid, size), off["test_map"]) < 1e-4
+    assert _rel(test_map(inp["patch"], anchors, grid, size), off["test_map"]) > 0.5  # the default differs by design
+    sc, o = inp["scoring"], off["scoring"]
+    a = sc["text"].T[None].expand(len(sc["det"]), -1, -1)
+    raw = official_test_map(sc["levels"], a, int(sc["levels"][0].shape[1] ** 0.5), sc["masks"].shape[-1])
+    assert _rel(raw, o["raw_maps"]) < 1e-4
+    image, maps = official_scores(sc["det"], a, raw)
+    assert _rel(maps, o["maps"]) < 1e-4 and _rel(image, o["image"]) < 1e-4
+    assert round(roc_auc_score(sc["labels"], image.numpy()), 4) * 100 == pytest.approx(o["metrics"]["image AUC"])
+    assert round(roc_auc_score(sc["masks"].flatten(), maps.flatten()), 4) * 100 == pytest.approx(
+        o["metrics"]["pixel AUC"])
+    # the min-max runs over the set: one image's score changes when another image leaves the set
+    assert not torch.allclose(official_scores(sc["det"][:3], a[:3], raw[:3])[0], image[:3])
+
+
 def test_aaclip_tokenizer_matches_official_prompt_ids(aaclip):
     from anomaly_core.backbones.clip import register_configs
 

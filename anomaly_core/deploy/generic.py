@@ -26,7 +26,7 @@ import torch
 from anomaly_core.data.holdout import shot_rows
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.deploy.bundle import FORMAT, BundleInputs, load_backbone, read_card, require_category, save_backbone
-from anomaly_core.errors import DataError
+from anomaly_core.errors import ConfigError, DataError
 from anomaly_core.features import encode_batch, load_batch
 from anomaly_core.io import load_tensors, save_tensors, write_json
 from anomaly_core.methods import get_method
@@ -45,9 +45,11 @@ def write_bundle(inputs: BundleInputs, out: Path, card: dict[str, Any]) -> dict:
     method, rows, features, models = inputs.method, inputs.rows, inputs.features, inputs.models
     if method not in inputs.params.get("score", {}):
         raise DataError(f"export: no score params for {method} in the export config; re-run `dvc repro validate`")
-    score_params, backbones_raw = inputs.params["score"][method], inputs.params["backbones"]
-    dtype, size = inputs.dtype, inputs.size
-    out, m = Path(out), get_method(method)
+    score_params, backbones_raw, m = inputs.params["score"][method], inputs.params["backbones"], get_method(method)
+    why = m.unexportable(score_params) if m.unexportable is not None else ""
+    if why:
+        raise ConfigError(f"export of {method}: {why}")
+    dtype, size, out = inputs.dtype, inputs.size, Path(out)
     branches = list(m.branches(score_params))
     store = FeatureStore(features)
     missing = [b for b in branches if not store.has(b)]

@@ -92,6 +92,9 @@ class Method:
       `Predictor(bundle, card)` and optionally `onnx_graph(predictor, category)`. None: the generic bundle
       (`deploy/generic.py`: the method's own `score` on the new images).
     * `baseline`: the method it is compared with in `metrics/<name-prefix>_comparison.json` (VPT: plain kNN).
+    * `unexportable(score params) -> reason`: why a bundle with these score-stage params would not score like the
+      score stage ("" when it would); a non-empty reason makes export refuse (AA-CLIP's `aaclip.scoring: official`
+      normalises scores over the scored set).
     * `tiles`: with `tiling.enabled` its score stage (and bundle) reads tiled visual features (`validate` adds the
       `tiling` section to its score config); a selected method reading the visual branch without it is refused.
     """
@@ -120,6 +123,7 @@ class Method:
     deploy: str | None = None
     baseline: str | None = None
     tiles: bool = False  # scores tiled visual features (`tiling.enabled`); validate refuses tiling for the others
+    unexportable: Callable[[dict[str, Any]], str] | None = None
 
     def stage_function(self, stage: str) -> Callable:
         """The function of one of its `trained_by` DVC stages (from the `stages` module)."""

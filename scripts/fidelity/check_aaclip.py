@@ -70,7 +70,38 @@ def small_inputs(seed: int = 0) -> dict:
             "w_proj": torch.randn(6, 8, generator=g) * 0.3,
             "patch": F.normalize(torch.randn(2, 16, 8, generator=g), dim=-1),
             "text": F.normalize(torch.randn(2, 8, 2, generator=g), dim=1), "masks": masks,
-            "levels": levels, "global": torch.randn(2, 8, generator=g), "det": det, "labels": torch.tensor([0, 1])}
+            "levels": levels, "global": torch.randn(2, 8, generator=g), "det": det, "labels": torch.tensor([0, 1]),
+            "dpam": small_dpam_inputs(seed), "scoring": small_scoring_inputs(seed)}
+
+
+def small_scoring_inputs(seed: int = 0) -> dict:
+    """test.py's scoring inputs for one class: 2 levels of normalised seg tokens [4, 16, 8] (4x4 grid), det tokens
+    [4, 8], anchors [8, 2] (official layout), masks [4, 1, 32, 32], labels (2 good, 2 defect)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed + 1)
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[2, 0, 4:14, 6:20], masks[3, 0, 18:30, 10:24] = 1, 1
+    return {"levels": [F.normalize(torch.randn(4, 16, 8, generator=g), dim=-1) for _ in range(2)],
+            "det": F.normalize(torch.randn(4, 8, generator=g), dim=-1),
+            "text": F.normalize(torch.randn(8, 2, generator=g), dim=0), "masks": masks,
+            "labels": torch.tensor([0, 0, 1, 1])}
+
+
+SMALL_VIT = dict(image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_ratio=4.0, output_dim=16)
+
+
+def small_dpam_inputs(seed: int = 0) -> dict:
+    """A seeded 3-block open_clip VisionTransformer (width 32, 2 heads, 32 px, 4x4 grid) as a state dict both sides
+    load, 3 seeded images (one batch) and the DPAM layer 3 (the last 2 blocks), levels [1, 2, 3]."""
+    from open_clip.transformer import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = VisionTransformer(**SMALL_VIT)
+        state = {k: v.clone() for k, v in vit.state_dict().items()}
+        images = torch.randn(3, 3, SMALL_VIT["image_size"], SMALL_VIT["image_size"])
+    return {"config": SMALL_VIT, "state": state, "images": images, "levels": [1, 2, 3], "dpam_layer": 3}
 
 
 # official key -> ours (text: ModuleList [3 x SimpleAdapter.fc.0, SimpleProj(relu).fc.0]; image: ModuleDict)
@@ -103,6 +134,7 @@ def compute_ours(inp: dict, off: dict, backbone_path: Path) -> dict:
 
 def ours_from_backbone(bb, inp: dict, off: dict) -> dict:
     from anomaly_core.methods.aaclip.core import class_anchors, encode_prompts, image_stage_loss, text_stage_loss
+    from anomaly_core.methods.aaclip.dpam import dpam_levels
     from anomaly_core.methods.aaclip.modules import ImageAdapters, TextAdapters
     from anomaly_core.methods.aaclip.training import BETAS, ce_scale
 
@@ -117,6 +149,7 @@ def ours_from_backbone(bb, inp: dict, off: dict) -> dict:
         levels, final = bb.vision_tokens(x)
         res["plain_levels"] = [bb.project_tokens(t[:, 1:]) for t in levels]
         res["plain_cls"] = bb.pool_global(final)
+        res["dpam_levels"] = dpam_levels(bb.model.visual, x, LEVELS, 20)   # train.py --surgery_until_layer 20
         res["text_emb"] = encode_prompts(bb, off["token_ids"], ta)
         res["anchors0"] = class_anchors(bb, ta, [CLASS], prompts=lambda _: (normal, abnormal))[0].T  # [E, 2]
     # stage 1 on the official stage-1 inputs (DPAM patch tokens, CLS embedding)
@@ -157,7 +190,13 @@ def ours_small(sm: dict) -> dict:
     """Our side of the small part (same keys as the official `small` outputs, plus `text_loss_fixed`)."""
     import torch.nn.functional as F
 
-    from anomaly_core.methods.aaclip.core import image_stage_loss, similarity_map, test_map, text_stage_loss
+    from anomaly_core.methods.aaclip.core import (
+        image_stage_loss,
+        official_test_map,
+        similarity_map,
+        test_map,
+        text_stage_loss,
+    )
     from anomaly_core.methods.aaclip.modules import SimpleAdapter, SimpleProj
 
     width, out_dim = sm["x"].shape[-1], sm["w_proj"].shape[0]
@@ -176,7 +215,35 @@ def ours_small(sm: dict) -> dict:
                 "text_loss_fixed": text_stage_loss(sm["levels"], sm["global"], masks, anchors, grid, 0.1)[0],
                 "image_loss": image_stage_loss([F.normalize(t, dim=-1) for t in sm["levels"]], sm["det"], anchors,
                                                masks, sm["labels"], grid, ce_scale=1.0)[0],
-                "test_map": test_map(sm["patch"], anchors, grid, size, sigma=1.0, ksize=7)}
+                "test_map": test_map(sm["patch"], anchors, grid, size, sigma=1.0, ksize=7),
+                "official_test_map": official_test_map([sm["patch"]], anchors, grid, size, sigma=1.0, ksize=7),
+                "dpam": ours_small_dpam(sm["dpam"]), "scoring": ours_small_scoring(sm["scoring"])}
+
+
+def ours_small_dpam(dp: dict) -> dict:
+    """Our dpam_levels on the small official-config ViT (the batch of 3, and its first image alone)."""
+    from open_clip.transformer import VisionTransformer
+
+    from anomaly_core.methods.aaclip.dpam import dpam_levels
+
+    vit = VisionTransformer(**dp["config"]).eval()
+    vit.load_state_dict(dp["state"])
+    return {"tokens": dpam_levels(vit, dp["images"], dp["levels"], dp["dpam_layer"]),
+            "first_alone": dpam_levels(vit, dp["images"][:1], dp["levels"], dp["dpam_layer"])}
+
+
+def ours_small_scoring(sc: dict) -> dict:
+    """aaclip.scoring official (official_test_map + official_scores) on test.py's small inputs."""
+    from anomaly_core.methods.aaclip.core import official_scores, official_test_map
+
+    n, size = len(sc["det"]), sc["masks"].shape[-1]
+    anchors = sc["text"].T[None].expand(n, -1, -1)   # [E, 2] -> [N, 2, E]
+    raw = official_test_map(sc["levels"], anchors, int(sc["levels"][0].shape[1] ** 0.5), size)
+    image, maps = official_scores(sc["det"], anchors, raw)
+    from sklearn.metrics import roc_auc_score
+
+    auroc = (roc_auc_score(sc["labels"], image.numpy()), roc_auc_score(sc["masks"].flatten(), maps.flatten()))
+    return {"raw_maps": raw, "maps": maps, "image": image, "auroc": auroc}
 
 
 def seg_loss_of(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -209,14 +276,39 @@ def small_rows(ours: dict, off: dict, src: str) -> list[Row]:
     ]
 
 
-def test_map_row(ours: dict, off: dict, src: str) -> Row:
-    a, b = ours["test_map"].double().flatten(), off["small"]["test_map"].double().flatten()
+def test_map_rows(ours: dict, off: dict, src: str) -> list[Row]:
+    """aaclip.scoring official vs test.py (maps, min-max scores, AUROCs) and the default softmax map, reported."""
+    o, sc, mine = off["small"], off["small"]["scoring"], ours["scoring"]
+    a, b = ours["test_map"].double().flatten(), o["test_map"].double().flatten()
     d = (a - b).abs().max().item()
-    return Row("aaclip", src, "test-time map (scoring), small tensors", d, d / b.abs().max().item(), 1e-4, None,
-               "differs by design (not a pass/fail row): official test.py maps (l_abnormal + 1 - l_normal) / 2 of "
-               "the raw 100 cos logits (no softmax) and scores images by (det . abnormal + 1) / 2, min-max "
-               "normalised over the test set; ours maps (p_abnormal + 1 - p_normal) / 2 of the softmax (in [0, 1], "
-               "comparable across images for thresholds) and mixes the det softmax probability")
+    auroc, m = mine["auroc"], sc["metrics"]
+    return [
+        row("aaclip", src, "test-time map, aaclip.scoring official (one level) vs calculate_similarity_map(test=True)",
+            ours["official_test_map"], o["test_map"]),
+        row("aaclip", src, "aaclip.scoring official: raw maps summed over 2 levels vs test.py get_predictions (4 images)",
+            mine["raw_maps"], sc["raw_maps"]),
+        row("aaclip", src, "aaclip.scoring official: min-max maps and image scores vs metrics_eval's normalisation",
+            torch.cat([mine["maps"].flatten(), mine["image"]]), torch.cat([sc["maps"].flatten(), sc["image"]]),
+            notes=f"image / pixel AUROC ours (sklearn) {auroc[0]:.4f} / {auroc[1]:.4f}, metrics_eval "
+                  f"{m['image AUC'] / 100:.4f} / {m['pixel AUC'] / 100:.4f} (rounded to 4 digits); scores of a set "
+                  f"depend on its other images (min-max over the set)"),
+        Row("aaclip", src, "test-time map, default aaclip.scoring softmax vs calculate_similarity_map(test=True)", d,
+            d / b.abs().max().item(), 1e-4, None,
+            "differs by design (not a pass/fail row): ours maps (p_abnormal + 1 - p_normal) / 2 of the softmax (in "
+            "[0, 1], comparable across images for thresholds, align_corners=False) and mixes the det softmax "
+            "probability; the official map (raw 100 cos logits, min-max over the test set) is aaclip.scoring official"),
+    ]
+
+
+def dpam_small_row(ours: dict, off: dict, src: str) -> Row:
+    dp, o = ours["dpam"], off["small"]["dpam"]
+    a = torch.cat([t.flatten() for t in [*dp["tokens"], *dp["first_alone"]]])
+    b = torch.cat([t.flatten() for t in [*o["tokens"], *o["first_alone"]]])
+    alone = max((x[0] - y[0]).abs().max().item() for x, y in zip(o["first_alone"], o["tokens"]))
+    return row("aaclip", src, "DPAM tokens (aaclip_text.dpam), small ViT (3 blocks, DPAM layer 3), batch of 3 + its "
+               "first image alone", a, b,
+               notes=f"official DAPM_replace attends over the images of the batch: image 0's tokens move by {alone:.2f} "
+                     f"(max abs) between the batch of 3 and alone; ours reproduces both")
 
 
 def _cat(d: dict, keys: dict[str, str] | None = None) -> torch.Tensor:
@@ -281,17 +373,18 @@ def step_rows(ours: dict, off: dict, src: str, kind: str, keys: dict[str, str], 
 
 
 def surgery_row(ours: dict, off: dict, src: str) -> Row:
-    """Stage 1's image tokens: ours are the frozen CLIP tokens (the feature cache), the official ones come from a
-    second CLIP whose last 19 blocks use DPAM (v-v attention); reported, not a pass/fail comparison."""
-    a = torch.cat([t.flatten() for t in ours["plain_levels"]]).double()
-    b = torch.cat([t.flatten() for t in off["surgery_levels"]]).double()
-    d = (a - b).abs().max().item()
-    return Row("aaclip", src, "stage-1 image tokens: our cached frozen tokens vs official DPAM tokens", d,
-               d / b.abs().max().item(), 1e-4, None,
-               "differs by design, not implemented here: official stage 1 reads its patch tokens from a copy of "
-               "CLIP with DPAM (v-v self-attention, train.py --surgery_until_layer 20); ours trains on the cached "
-               "frozen tokens (the features stage). The loss / gradient rows above feed the official DPAM tokens "
-               "to our loss")
+    """Stage 1's image tokens with aaclip_text.dpam (dpam_layer 20) vs the official clip_surgery tokens of the same
+    batch of 2; the note gives how far the default (cached frozen tokens) is from them."""
+    a = torch.cat([t.flatten() for t in ours["dpam_levels"]])
+    b = torch.cat([t.flatten() for t in off["surgery_levels"]])
+    plain = torch.cat([t.flatten() for t in ours["plain_levels"]])
+    d_plain = (plain.double() - b.double()).abs().max().item()
+    return row("aaclip", src, "stage-1 image tokens with aaclip_text.dpam (dpam_layer 20) vs official DPAM tokens "
+               "(levels [6, 12, 18, 24], batch of 2)", a, b,
+               notes=f"default (dpam false): the cached frozen tokens, max abs {d_plain:.2f} "
+                     f"(rel {d_plain / b.abs().max().item():.2f}) from the official ones; official DAPM_replace attends "
+                     f"over the images of the batch (see the small DPAM row), so ours computes them per training batch "
+                     f"in stage 1, not in the features cache")
 
 
 def check(ctx: Ctx) -> list[Row]:
@@ -307,7 +400,8 @@ def check(ctx: Ctx) -> list[Row]:
     torch.save(small, ctx.work / "aaclip_small_in.pt")
     off_small = run_peer(ctx, "peer_aaclip.py", repo, ctx.work / "aaclip_small_in.pt", ctx.work / "aaclip_small_out.pt")
     ours_s = ours_small(small["small"])
-    rows = small_rows(ours_s, off_small, src) + [test_map_row(ours_s, off_small, src)]
+    rows = small_rows(ours_s, off_small, src) + test_map_rows(ours_s, off_small, src) + [
+        dpam_small_row(ours_s, off_small, src)]
     off = run_peer(ctx, "peer_aaclip.py", repo, ctx.work / "aaclip_in.pt", ctx.work / "aaclip_out.pt", timeout=3600)
     ours = compute_ours(inp, off, wpath)
     rows += compare(ours, off, src) + [surgery_row(ours, off, src), Row(
@@ -316,12 +410,15 @@ def check(ctx: Ctx) -> list[Row]:
         "project = bottleneck MLP layer adapters with biases and LeakyReLU 0.2, text projection initialised from "
         "CLIP's (the untrained adapters keep CLIP's text space), seg / det projections with bias + LeakyReLU 0.2, "
         "re-normalised det token, stage-2 CE at logit scale 100; both styles: the kit's 42 + 70 prompts (official "
-        "6 + 10), no DPAM in stage 1, the softmax test map; effect on the demo in README Fidelity")]
+        "6 + 10); DPAM in stage 1 and test.py's scoring are the opt-in aaclip_text.dpam / aaclip.scoring official "
+        "(rows above); effect on the demo in README Fidelity")]
     ctx.save_fixture("aaclip", {"inputs": small["small"], "official": off_small["small"],
                                 "prompts": off["prompts"], "token_ids": off["token_ids"],
                                 "full": {r.compared: (r.max_abs, r.max_rel) for r in rows}}, note=(
         f"made by scripts/fidelity/run.py --only aaclip --fixtures tests/fixtures/fidelity: seeded small tensors "
         f"(check_aaclip.small_inputs, seed 0) through the official {src} modules, forward_utils functions and "
-        f"train.py's loss composition (peer_aaclip.py, small part); prompts / token_ids: the official prompts of "
+        f"train.py's loss composition (peer_aaclip.py, small part; dpam: a seeded 3-block open_clip VisionTransformer "
+        f"state dict through model/transformer.py's VisionTransformer + DAPM_replace; scoring: test.py get_predictions "
+        f"on a stand-in model + metrics_eval's normalisation); prompts / token_ids: the official prompts of "
         f"class {CLASS} and the official tokenizer's ids; full: the differences of the ViT-L-14-336 run (record)"))
     return rows

@@ -78,6 +78,40 @@ if "small" in inp:
                         "seg_loss": calculate_seg_loss(probs, m), "text_loss_per_level": torch.stack(per_level),
                         "orth": orth, "image_loss": image_loss,
                         "test_map": calculate_similarity_map(sm["patch"], text, size, test=True, domain="Industrial")}
+        # DPAM tokens of a small official VisionTransformer (model/transformer.py) on our seeded state dict, as
+        # train_text_adapter computes them: encode_image's out_layers, ln_post(t[:, 1:]) @ proj
+        if "dpam" in sm:
+            from model.transformer import VisionTransformer
+            dp = sm["dpam"]
+            vit = VisionTransformer(**dp["config"], patch_dropout=0.0).eval()
+            vit.load_state_dict(dp["state"])
+            _, plain = vit(dp["images"], dp["levels"])
+            vit.DAPM_replace(DPAM_layer=dp["dpam_layer"])
+            _, tok = vit(dp["images"], dp["levels"])
+            _, tok1 = vit(dp["images"][:1], dp["levels"])   # the first image alone: its tokens depend on the batch
+            def project(ts):
+                return [vit.ln_post(t[:, 1:, :]) @ vit.proj for t in ts]
+            out["small"]["dpam"] = {"plain": project(plain), "tokens": project(tok), "first_alone": project(tok1)}
+        # test.py's scoring: get_predictions on a stand-in model returning the given seg levels and det token, then
+        # metrics_eval's normalisation lines (min-max over the set, 0.5 max map + 0.5 image) and metrics_eval itself
+        if "scoring" in sm:
+            from forward_utils import metrics_eval
+            from test import get_predictions
+            sc = sm["scoring"]
+            n = len(sc["det"])
+            batch = {"image": torch.zeros(n, 3, 1, 1), "mask": sc["masks"], "label": sc["labels"],
+                     "file_name": [f"{i}.png" for i in range(n)], "class_name": [inp.get("class_name", "bottle")] * n}
+            masks_np, labels_np, preds, preds_image = get_predictions(
+                lambda image: (sc["levels"], sc["det"]), sc["text"], [batch], "cpu", sc["masks"].shape[-1],
+                dataset="MVTec")[:4]
+            pix = (preds - preds.min()) / (preds.max() - preds.min()) if preds.max() != 1 else preds
+            img = ((preds_image - preds_image.min()) / (preds_image.max() - preds_image.min())
+                   if preds_image.max() != 1 else preds_image)
+            out["small"]["scoring"] = {"raw_maps": torch.from_numpy(preds), "raw_image": torch.from_numpy(preds_image),
+                                       "maps": torch.from_numpy(pix),
+                                       "image": torch.from_numpy(pix.max(axis=(1, 2)) * 0.5 + img * 0.5),
+                                       "metrics": metrics_eval(masks_np, labels_np, preds, preds_image, "bottle",
+                                                               domain="Industrial")}
     if inp.get("small_only"):
         torch.save(out, sys.argv[2])
         sys.exit(0)

@@ -19,7 +19,7 @@ from anomaly_core.methods.aaclip.modules import ADAPTER_STYLES, ImageAdapters, T
 __all__ = [
     "LOGIT_SCALE", "TextAdapterConfig", "ImageAdapterConfig", "class_anchors", "encode_prompts",
     "similarity_map", "test_map", "text_stage_loss", "image_stage_loss", "encode_images", "score_images",
-    "stack_anchors", "check_image_size", "det_probability",
+    "stack_anchors", "check_image_size", "det_probability", "SCORING", "official_test_map", "official_scores",
 ]
 
 LOGIT_SCALE = 100.0
@@ -31,7 +31,8 @@ the loss almost flat around log 2); with 100 the det-token softmax is the same o
 # ------------------------------------------------------------------------------------------ configs
 @dataclass
 class TextAdapterConfig:
-    """Stage 1 (text adapters). `adapt_until` is checked against the text depth when adapters are built."""
+    """Stage 1 (text adapters). `adapt_until` is checked against the text depth when adapters are built; with
+    `dpam` the image tokens of every batch come from the images through DPAM blocks (dpam.py), not the cache."""
     epochs: int = 5
     batch_size: int = 16
     lr: float = 1e-5
@@ -40,9 +41,12 @@ class TextAdapterConfig:
     text_norm_weight: float = 0.1
     seed: int = 0
     adapter: str = "project"   # project | official (Mwxinnn/AA-CLIP's modules; see modules.ADAPTER_STYLES)
+    dpam: bool = False         # train on DPAM tokens of each batch (official train.py) instead of the cached ones
+    dpam_layer: int = 20       # train.py --surgery_until_layer: DPAM in the last dpam_layer - 1 vision blocks
 
     def validate(self, section: str = "aaclip_text") -> None:
         Checks(section).positive(batch_size=self.batch_size, lr=self.lr) \
+            .that(self.dpam_layer >= 2, "dpam_layer", self.dpam_layer, "an integer >= 2 (train.py: 20)") \
             .non_negative(epochs=self.epochs, adapt_until=self.adapt_until, text_norm_weight=self.text_norm_weight) \
             .that(self.adapter in ADAPTER_STYLES, "adapter", self.adapter, f"one of {list(ADAPTER_STYLES)}") \
             .unit(adapt_weight=self.adapt_weight).done()
@@ -193,6 +197,41 @@ def test_map(tokens: torch.Tensor | Sequence[torch.Tensor], anchors: torch.Tenso
 
 test_map.__test__ = False  # not a pytest test when imported into a test module
 
+SCORING = ("softmax", "official")
+"""`aaclip.scoring`: softmax (ours: test_map, det softmax probability; per-image scores in [0, 1]) or official
+(Mwxinnn/AA-CLIP test.py: official_test_map / official_scores, min-max normalised over the scored set)."""
+
+
+def official_test_map(tokens: Sequence[torch.Tensor], anchors: torch.Tensor, grid: int, out_size: int,
+                      sigma: float = 1.0, ksize: int = 7) -> torch.Tensor:
+    """test.py's raw map: per level forward_utils.calculate_similarity_map(test=True) = blur((l_abnormal + 1 -
+    l_normal) / 2) of the raw 100 cos logits, bilinear upsampling with align_corners=True; summed over the levels.
+    tokens n_levels x [B, L, E], anchors [B, 2, E] -> [B, out, out] (not in [0, 1])."""
+    total = None
+    for t in tokens:
+        logits = _grid_logits(t, anchors, grid, LOGIT_SCALE)  # [B, 2, g, g]
+        m = ((logits[:, 1] + 1.0 - logits[:, 0]) / 2.0)[:, None]  # [B, 1, g, g]
+        if sigma > 0:
+            m = kornia.filters.gaussian_blur2d(m, (ksize, ksize), (sigma, sigma), border_type="reflect")
+        m = F.interpolate(m, size=(out_size, out_size), mode="bilinear", align_corners=True)[:, 0]
+        total = m if total is None else total + m
+    return total
+
+
+def official_scores(det: torch.Tensor, anchors: torch.Tensor, maps: torch.Tensor, image_weight: float = 0.5
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """test.py's scores of ONE scored set (its images of one class): det [N, E], anchors [N, 2, E], raw maps
+    [N, S, S] (official_test_map) -> (image scores [N], maps [N, S, S]). Image pred (det . abnormal + 1) / 2;
+    forward_utils.metrics_eval min-max normalises maps and image preds over the set (unless their max is
+    exactly 1) and scores w * image + (1 - w) * max(map) (Industrial domain, w 0.5). Each score depends on the
+    other images of the set."""
+    def minmax_set(x: torch.Tensor) -> torch.Tensor:
+        return x if float(x.max()) == 1.0 else (x - x.min()) / (x.max() - x.min())
+
+    image = ((det[:, None, :] * anchors).sum(-1)[:, 1] + 1.0) / 2.0  # [N]
+    maps = minmax_set(maps)
+    return mix_image_score(minmax_set(image), maps, image_weight), maps
+
 
 # ------------------------------------------------------------------------------------------ losses
 def text_stage_loss(levels: Sequence[torch.Tensor], global_emb: torch.Tensor, masks: torch.Tensor,
@@ -256,11 +295,14 @@ def det_probability(det: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_images(backbone, image_adapters: ImageAdapters | None, anchors_by_class: dict[str, torch.Tensor],
                  images: torch.Tensor, class_names: Sequence[str], cfg: ImageAdapterConfig,
-                 out_size: int | None = None, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                 out_size: int | None = None, batch_size: int = 8, scoring: str = "softmax"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """images uint8 [N, H, W, 3], N class names -> (image scores [N], maps [N, out, out]) on CPU, float32.
 
-    Maps: test_map averaged over levels (cfg.sigma, cfg.ksize). Image score:
-    cfg.image_weight * p_abnormal(det) + (1 - cfg.image_weight) * max(map), both in [0, 1].
+    scoring softmax (default): maps = test_map averaged over levels (cfg.sigma, cfg.ksize), image score
+    cfg.image_weight * p_abnormal(det) + (1 - cfg.image_weight) * max(map), both in [0, 1], per image.
+    scoring official (test.py): official_test_map + official_scores, min-max normalised over the N images (one
+    class), so a score depends on the other images of the call.
     `out_size` defaults to the backbone input size; pass data.image_size for the score files.
     """
     from anomaly_core.backbones import preprocess
@@ -269,15 +311,26 @@ def score_images(backbone, image_adapters: ImageAdapters | None, anchors_by_clas
         raise DataError(f"{len(images)} images but {len(class_names)} class names")
     device = next(backbone.parameters()).device
     out_size = int(out_size or backbone.image_size)
+    if scoring not in SCORING:
+        raise ConfigError(f"aaclip.scoring={scoring!r}: one of {list(SCORING)}")
     if image_adapters is not None:
         image_adapters.eval()
-    scores, maps = [], []
+    scores, maps, raw = [], [], []
     for s in range(0, len(images), batch_size):
         x = preprocess(images[s: s + batch_size], backbone.image_size, backbone.mean, backbone.std).to(device)
         a = stack_anchors(anchors_by_class, class_names[s: s + batch_size]).to(device).float()  # [b, 2, E]
         seg, det = encode_images(backbone, image_adapters, x)
-        m = test_map([t.float() for t in seg], a, backbone.grid, out_size, cfg.sigma, cfg.ksize)  # [b, S, S]
-        p = det_probability(det.float(), a)
+        seg, det = [t.float() for t in seg], det.float()
+        if scoring == "official":  # normalised below, over every image of this call
+            raw.append((det.cpu(), a.cpu(), official_test_map(seg, a, backbone.grid, out_size, cfg.sigma,
+                                                              cfg.ksize).cpu()))
+            continue
+        m = test_map(seg, a, backbone.grid, out_size, cfg.sigma, cfg.ksize)  # [b, S, S]
+        p = det_probability(det, a)
         scores.append(mix_image_score(p, m, cfg.image_weight).cpu())
         maps.append(m.cpu())
+    if scoring == "official":
+        if len(set(class_names)) > 1:
+            raise DataError(f"aaclip.scoring=official normalises over one class's images; got {sorted(set(class_names))}")
+        return official_scores(*(torch.cat(t) for t in zip(*raw)), cfg.image_weight)
     return torch.cat(scores), torch.cat(maps)

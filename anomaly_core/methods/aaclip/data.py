@@ -16,6 +16,7 @@ from anomaly_core.data.holdout import split_holdout
 from anomaly_core.data.manifest import Row, categories
 from anomaly_core.evaluation import masks_for
 from anomaly_core.features import extract_features, load_batch
+from anomaly_core.methods.aaclip.core import SCORING
 from anomaly_core.store import FeatureStore, level_list
 
 
@@ -39,9 +40,11 @@ class AaclipConfig:
     """params.yaml section `aaclip` (what both AA-CLIP stages share)."""
     holdout_fraction: float = 0.25
     train_data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    scoring: str = "softmax"   # softmax | official (test.py's min-max normalised scores; core.SCORING)
 
     def validate(self, section: str) -> None:
-        Checks(section).fraction(holdout_fraction=self.holdout_fraction).done()
+        Checks(section).fraction(holdout_fraction=self.holdout_fraction) \
+            .that(self.scoring in SCORING, "scoring", self.scoring, f"one of {list(SCORING)}").done()
 
 ImageSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
 
@@ -69,9 +72,10 @@ def image_set(rows: Sequence[Row], image_size: int, mask_size: int) -> ImageSet:
 
 
 def text_stage_data(rows: Sequence[Row], mask_size: int, store: FeatureStore | None = None,
-                    backbone=None, progress: bool = False) -> list[dict[str, Any]]:
+                    backbone=None, progress: bool = False, image_size: int | None = None) -> list[dict[str, Any]]:
     """One dict per category for `train_text_adapters`: cached CLIP tokens (from `store`), or tokens computed
-    with the frozen `backbone` for rows that have no cache (a second dataset)."""
+    with the frozen `backbone` for rows that have no cache (a second dataset); with `image_size` also the images
+    (uint8 [N, image_size, image_size, 3], for `aaclip_text.dpam`)."""
     out = []
     for cat in categories(rows):
         part = [r for r in rows if r.category == cat]
@@ -82,6 +86,8 @@ def text_stage_data(rows: Sequence[Row], mask_size: int, store: FeatureStore | N
                                                                 torch.float16, f"clip/{cat}", progress).items()}
         out.append({"levels": level_list(feats), "global": feats["global"],
                     "masks": torch.from_numpy(masks_for(part, mask_size)).float(), "class_name": cat})
+        if image_size:
+            out[-1]["images"] = load_images(part, image_size)
     return out
 
 

@@ -22,8 +22,9 @@ __all__ = ["train_text_adapter", "train_image_adapter"]
 
 def train_text_adapter(params: dict[str, Any], manifest: Path, features: Path, out: Path, device: torch.device,
                        progress: bool = False) -> tuple[list[dict], str]:
-    """Stage 1 on cached frozen CLIP tokens (or a second dataset's images); writes the text adapters and the
-    anchors of every target (and second-dataset) category to `out`."""
+    """Stage 1 on cached frozen CLIP tokens (or a second dataset's images; with aaclip_text.dpam, on the DPAM tokens
+    of each batch's images); writes the text adapters and the anchors of every target (and second-dataset) category
+    to `out`."""
     cfg = build(TextAdapterConfig, {**section(params, "aaclip_text"), "seed": int(section(params, "seed"))},
                 "aaclip_text")
     torch.manual_seed(cfg.seed)
@@ -31,11 +32,12 @@ def train_text_adapter(params: dict[str, Any], manifest: Path, features: Path, o
     ccfg, clip = backbone_from_config(section(params, "backbones.clip"), "backbones.clip", device)
     rows = mf.read_manifest(manifest)
     extra = second_dataset_rows(section(params, "aaclip.train_data"))
+    images = clip.image_size if cfg.dpam else None  # DPAM tokens are computed per batch from the images
     if extra:  # cross-dataset protocol: train on every image of the second dataset
-        data = text_stage_data(extra, size, backbone=clip, progress=progress)
+        data = text_stage_data(extra, size, backbone=clip, progress=progress, image_size=images)
     else:
         train, _ = training_rows(rows, cfg.seed, float(section(params, "aaclip.holdout_fraction")))
-        data = text_stage_data(train, size, store=FeatureStore(features))
+        data = text_stage_data(train, size, store=FeatureStore(features), image_size=images)
     adapters, anchors, hist = train_text_adapters(clip, data, cfg, progress)
     names = sorted(set(mf.categories(rows)) | set(mf.categories(extra)))
     with torch.no_grad():  # anchors for the target (and second-dataset) categories

@@ -26,6 +26,7 @@ from anomaly_core.methods.aaclip.core import (
     test_map,
     text_stage_loss,
 )
+from anomaly_core.methods.aaclip.dpam import dpam_blocks, dpam_levels
 from anomaly_core.methods.aaclip.modules import ImageAdapters, TextAdapters
 
 __all__ = ["train_text_adapters", "train_image_adapters", "augment_batch", "evaluate_image_adapters"]
@@ -50,13 +51,20 @@ def _batches(n: int, size: int, gen: torch.Generator | None) -> list[torch.Tenso
 
 
 # ============================================================================================ stage 1
-def _check_text_data(data: Sequence[dict[str, Any]], backbone) -> int:
-    """Validate the cached-feature list; returns the number of levels."""
+def _check_text_data(data: Sequence[dict[str, Any]], backbone, cfg: TextAdapterConfig) -> int:
+    """Validate the cached-feature list (and, with cfg.dpam, the images); returns the number of levels."""
     if not data or not sum(len(d["masks"]) for d in data):
         raise DataError("AA-CLIP text stage: no training images")
+    if cfg.dpam:
+        dpam_blocks(backbone.depth, cfg.dpam_layer)
     n_levels = len(data[0]["levels"])
     for d in data:
         name, n = d["class_name"], len(d["masks"])
+        size = (n, backbone.image_size, backbone.image_size, 3)
+        if cfg.dpam and (d.get("images") is None or tuple(d["images"].shape) != size):
+            got = None if d.get("images") is None else tuple(d["images"].shape)
+            raise DataError(f"AA-CLIP text stage (aaclip_text.dpam): category {name} needs its images uint8 {size}, "
+                            f"got {got}")
         if len(d["levels"]) != n_levels or not n_levels:
             raise DataError(f"AA-CLIP text stage: category {name} has {len(d['levels'])} levels, expected {n_levels}")
         for t in [*d["levels"], d["global"]]:
@@ -69,14 +77,24 @@ def _check_text_data(data: Sequence[dict[str, Any]], backbone) -> int:
     return n_levels
 
 
-def _text_batch(data: Sequence[dict[str, Any]], items: list[tuple[int, int]], n_levels: int, device: torch.device
-                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
-    """(category, row) pairs -> (levels n_levels x [B, L, E], global [B, E], masks [B, S, S], class names)."""
-    def take(get) -> torch.Tensor:
-        return torch.stack([get(data[c])[i] for c, i in items]).to(device).float()
+def _text_batch(data: Sequence[dict[str, Any]], items: list[tuple[int, int]], n_levels: int, backbone,
+                cfg: TextAdapterConfig) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
+    """(category, row) pairs -> (levels n_levels x [B, L, E], global [B, E], masks [B, S, S], class names).
+    Levels: the cached tokens, or with cfg.dpam the DPAM tokens of this batch's images (they depend on the batch)."""
+    device = _device(backbone)
 
-    levels = [take(lambda d, j=j: d["levels"][j]) for j in range(n_levels)]
-    return levels, take(lambda d: d["global"]), take(lambda d: d["masks"]), [data[c]["class_name"] for c, _ in items]
+    def take(get) -> torch.Tensor:
+        return torch.stack([get(data[c])[i] for c, i in items]).to(device)
+
+    if cfg.dpam:
+        from anomaly_core.backbones import preprocess
+
+        x = preprocess(take(lambda d: d["images"]), backbone.image_size, backbone.mean, backbone.std)  # [B, 3, S, S]
+        levels = dpam_levels(backbone.model.visual, x, backbone.levels, cfg.dpam_layer)
+    else:
+        levels = [take(lambda d, j=j: d["levels"][j]).float() for j in range(n_levels)]
+    return levels, take(lambda d: d["global"]).float(), take(lambda d: d["masks"]).float(), \
+        [data[c]["class_name"] for c, _ in items]
 
 
 def _text_step_loss(backbone, adapters: TextAdapters, batch, cfg: TextAdapterConfig, anchors: torch.Tensor | None = None
@@ -93,12 +111,11 @@ def _text_step_loss(backbone, adapters: TextAdapters, batch, cfg: TextAdapterCon
 @torch.no_grad()
 def _text_eval_loss(backbone, adapters: TextAdapters, data, index, n_levels: int, cfg: TextAdapterConfig) -> float:
     """Mean stage-1 loss over all images with the current adapters (anchors computed once per class)."""
-    device = _device(backbone)
     names = sorted({d["class_name"] for d in data})
     anchors = dict(zip(names, class_anchors(backbone, adapters, names)))
     total = 0.0
     for idx in _batches(len(index), cfg.batch_size, None):
-        batch = _text_batch(data, [index[i] for i in idx], n_levels, device)
+        batch = _text_batch(data, [index[i] for i in idx], n_levels, backbone, cfg)
         uniq = sorted(set(batch[3]))
         loss, _ = _text_step_loss(backbone, adapters, batch, cfg, torch.stack([anchors[c] for c in uniq]))
         total += float(loss) * len(idx)
@@ -119,7 +136,7 @@ def train_text_adapters(backbone, data: Sequence[dict[str, Any]], cfg: TextAdapt
     the same tokens (AA-CLIP's stage-1 flip/rotation/crop is not reproduced).
     """
     cfg.validate("aaclip_text")
-    n_levels = _check_text_data(data, backbone)
+    n_levels = _check_text_data(data, backbone, cfg)
     device = _device(backbone)
     index = [(c, i) for c, d in enumerate(data) for i in range(len(d["masks"]))]
     with torch.random.fork_rng(devices=[]):
@@ -133,7 +150,7 @@ def train_text_adapters(backbone, data: Sequence[dict[str, Any]], cfg: TextAdapt
             sums = {"loss": 0.0, "seg": 0.0, "orth": 0.0}
             batches = _batches(len(index), cfg.batch_size, gen)
             for idx in tqdm(batches, desc=f"aaclip text {epoch}/{cfg.epochs}", disable=not progress, leave=False):
-                batch = _text_batch(data, [index[i] for i in idx], n_levels, device)
+                batch = _text_batch(data, [index[i] for i in idx], n_levels, backbone, cfg)
                 loss, parts = _text_step_loss(backbone, adapters, batch, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
