@@ -122,8 +122,8 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if tiling and tiling.get("enabled"):  # only then: the default path's configs (and DVC's hashes) stay as they were
         if "visual" in branches:
             out["features"]["tiling"] = copy.deepcopy(tiling)
-        for m in methods:
-            if get_method(m).tiles:
+        for m in methods:  # a tiling method on the CLIP branch (musc.branch: clip) reads no tiles
+            if get_method(m).tiles and "visual" in get_method(m).branches(params):
                 out[stage_name("score", m)]["tiling"] = copy.deepcopy(tiling)
     # the bundle of any method carries the params its score stage reads (predict runs that same code)
     out["export"]["score"] = {m: copy.deepcopy(out[stage_name("score", m)]) for m in methods}

@@ -196,8 +196,8 @@ def rule_export_method(params: dict[str, Any], configs: Configs, known: Sequence
 
 
 def rule_tiling_stages(params: dict[str, Any], configs: Configs) -> list[str]:
-    """`tiling.enabled: true`: every selected method that reads the visual branch must tile (`Method.tiles`: kNN;
-    VPT-kNN and MuSc do not), the tile is the visual backbone's input (`tiling.tile` = `backbones.visual.
+    """`tiling.enabled: true`: every selected method that reads the visual branch must tile (`Method.tiles`: kNN
+    and MuSc; VPT-kNN does not), the tile is the visual backbone's input (`tiling.tile` = `backbones.visual.
     image_size`: tiles are never resized), the kNN's own limits (`kit.knn.check_tiled`), and one
     features process (`dist.nproc: 1`). One line per problem, naming the method and the key."""
     tiling = configs.get("tiling")

@@ -183,11 +183,9 @@ def test_validate_accepts_tiling_for_knn_and_names_what_does_not_tile():
 
     on = _params()
     on["tiling"]["enabled"] = True
-    assert _errors(on) == [  # the default selection holds vpt_knn and musc (both read the visual branch)
+    assert _errors(on) == [  # the default selection holds vpt_knn (reads the visual branch; musc tiles)
         "tiling.enabled=True: method vpt_knn does not tile (it reads the visual branch resized to "
-        "backbones.visual.image_size); remove vpt_knn from methods or set tiling.enabled: false",
-        "tiling.enabled=True: method musc does not tile (it reads the visual branch resized to "
-        "backbones.visual.image_size); remove musc from methods or set tiling.enabled: false"]
+        "backbones.visual.image_size); remove vpt_knn from methods or set tiling.enabled: false"]
     on["methods"] = ["zero_shot_clip", "knn", "musc"]
     on["musc"]["branch"] = "clip"  # MuSc on CLIP tokens does not read the tiled branch
     assert _errors(on) == []

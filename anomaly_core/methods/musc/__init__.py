@@ -2,7 +2,8 @@
 scored against the patches of the other unlabeled val/test images of its category (never their labels), for
 several neighbourhood sizes (LNAMD), averaged; image scores (map maxima) are re-scored over each image's most
 similar images (RsCIN). Transductive: an image's score depends on the other test images (said in `_protocol`).
-The mutual-scoring maths is in `mutual.py`."""
+The mutual-scoring maths is in `mutual.py`; with `tiling.enabled` (branch visual) the pool is scored on the cached
+tiles and the maps stitched (`tiled.py`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from anomaly_core.errors import ConfigError
 from anomaly_core.kit.maps import image_score_from_map, to_image_maps
 from anomaly_core.kit.patches import cnn_patches
 from anomaly_core.kit.scores import Scores, score_splits
+from anomaly_core.kit.tiling import tiling_from
 from anomaly_core.methods.base import Context, Method, branch_of
 from anomaly_core.methods.musc.mutual import mutual_scores, rescore
 from anomaly_core.store import FeatureStore
@@ -91,11 +93,19 @@ def musc_pool(store: FeatureStore, rows: list[Row], cfg: MuscConfig, size: int) 
 
 def score(ctx: Context, states: dict) -> Scores:
     pooled: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+    tiling = tiling_from(ctx.params)  # in score-musc.json only with tiling.enabled and musc.branch: visual
+
+    def scored(pool: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        if tiling is None:
+            return musc_pool(ctx.store, pool, ctx.cfg, ctx.size)
+        from anomaly_core.methods.musc.tiled import tiled_pool
+
+        return tiled_pool(ctx.store, pool, ctx.cfg, tiling, ctx.size, torch.float16)  # score files hold float16
 
     def prepare(cat: str) -> None:  # the whole unlabeled pool of the category: its val and test images
         pool = rows_for(ctx.rows, cat, "val") + rows_for(ctx.rows, cat, "test")
         pooled.clear()
-        pooled[cat] = ([r.id for r in pool], *musc_pool(ctx.store, pool, ctx.cfg, ctx.size))
+        pooled[cat] = ([r.id for r in pool], *scored(pool))
 
     def part(cat: str, rows: list[Row]):
         ids, image, maps = pooled[cat]
@@ -107,8 +117,8 @@ def score(ctx: Context, states: dict) -> Scores:
 
 METHOD = Method(
     name="musc", section="musc", config=MuscConfig, role="visual", score=score, branches=branch_of("musc.branch"),
-    transductive=True,
+    transductive=True, tiles=True, deploy="anomaly_core.methods.musc.deploy",
     summary="MuSc: zero-shot mutual scoring of each val/test image's patches against the other unlabeled val/test "
             "images of its category (LNAMD sizes `aggregate_sizes`, interval mean `topmin`), RsCIN re-scoring "
-            "(`rescore_k`); no shots, no training; transductive",
+            "(`rescore_k`); no shots, no training; transductive; tiles with `tiling.enabled` (branch visual)",
 )
