@@ -122,6 +122,8 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for m in methods:
             if get_method(m).tiles:
                 out[stage_name("score", m)]["tiling"] = copy.deepcopy(tiling)
+                if get_method(m).fit is not None:  # it trains on the tiles too (VPT-kNN)
+                    out[stage_name("fit", m)]["tiling"] = copy.deepcopy(tiling)
     # the bundle of any method carries the params its score stage reads (predict runs that same code)
     out["export"]["score"] = {m: copy.deepcopy(out[stage_name("score", m)]) for m in methods}
     return out

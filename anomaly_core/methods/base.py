@@ -93,7 +93,8 @@ class Method:
       (`deploy/generic.py`: the method's own `score` on the new images).
     * `baseline`: the method it is compared with in `metrics/<name-prefix>_comparison.json` (VPT: plain kNN).
     * `tiles`: with `tiling.enabled` its score stage (and bundle) reads tiled visual features (`validate` adds the
-      `tiling` section to its score config); a selected method reading the visual branch without it is refused.
+      `tiling` section to its score config, and to its fit config when it trains: VPT-kNN); a selected method
+      reading the visual branch without it is refused.
     """
 
     name: str
