@@ -183,9 +183,7 @@ def test_validate_accepts_tiling_for_knn_and_names_what_does_not_tile():
 
     on = _params()
     on["tiling"]["enabled"] = True
-    assert _errors(on) == [  # the default selection holds vpt_knn and musc (both read the visual branch)
-        "tiling.enabled=True: method vpt_knn does not tile (it reads the visual branch resized to "
-        "backbones.visual.image_size); remove vpt_knn from methods or set tiling.enabled: false",
+    assert _errors(on) == [  # the default selection holds musc (it reads the visual branch; vpt_knn tiles)
         "tiling.enabled=True: method musc does not tile (it reads the visual branch resized to "
         "backbones.visual.image_size); remove musc from methods or set tiling.enabled: false"]
     on["methods"] = ["zero_shot_clip", "knn", "musc"]
