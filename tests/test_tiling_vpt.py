@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import predict_copy
 
 from anomaly_core.kit.knn import KnnConfig
 from anomaly_core.kit.tiling import TilingConfig
@@ -253,44 +254,33 @@ def test_one_tile_covering_the_image_equals_the_untiled_path(tmp_path):
 # ---------------------------------------------------------------------------- bundle and predict
 
 
-def test_predict_on_the_tiled_vpt_bundle_reproduces_the_pipeline_test_scores(run, tmp_path, monkeypatch):
-    import shutil
-
-    from anomaly_core.deploy.bundle import BundleInputs, read_card
+def write_vpt_bundle(run, out: Path, thresholds: dict) -> dict:
+    """The export stage's writer (the generic bundle) on the fixture's tiled vpt_knn -> its card."""
+    from anomaly_core.deploy.bundle import BundleInputs
     from anomaly_core.deploy.engines import deploy_module
-    from anomaly_core.deploy.predict import predict_files
 
-    root, rows, scores = run["root"], run["rows"], run["scores"]
-    thresholds = {c: {"image": float(img.median()), "pixel": None} for c, (_, img, _) in scores["val"].items()}
     export = {"data": {"image_size": SIZE}, "seed": 0, "features": {"dtype": "float16", "batch_size": 4},
               "backbones": {"visual": backbone(64)}, "score": {"vpt_knn": run["params"]}}
-    inputs = BundleInputs(rows=rows, features=run["feats"], models=root / "models", params=export, method="vpt_knn")
-    bundle = tmp_path / "src"
-    deploy_module("vpt_knn").write_bundle(inputs, bundle, {"method": "vpt_knn", "thresholds": thresholds})
-    card = read_card(bundle)
-    assert card["kind"] == "method" and card["score_params"]["tiling"] == run["tiling"]
-    shutil.copytree(bundle, tmp_path / "bundle")  # only the bundle: no features
-    monkeypatch.chdir(tmp_path)
-    by_id = {r.id: str(Path(r.image).resolve()) for r in rows}
-    ids, image, _ = scores["test"]["brick"]
-    got = predict_files("bundle", [by_id[i] for i in ids], "out", category="brick", heatmaps=True, batch_size=3,
-                        progress=False)
-    assert [g["error"] for g in got] == [""] * len(ids)
+    inputs = BundleInputs(rows=run["rows"], features=run["feats"], models=run["root"] / "models", params=export,
+                          method="vpt_knn")
+    return deploy_module("vpt_knn").write_bundle(inputs, out, {"method": "vpt_knn", "thresholds": thresholds})
+
+
+def test_predict_on_the_tiled_vpt_bundle_reproduces_the_pipeline_test_scores(run, tmp_path, monkeypatch):
+    thresholds = {c: {"image": float(img.median()), "pixel": None} for c, (_, img, _) in run["scores"]["val"].items()}
+    card = write_vpt_bundle(run, tmp_path / "src", thresholds)
+    assert card["kind"] == "method" and card["score_params"]["tiling"] == run["tiling"] and card["tile_batch"] == 4
+    got, image = predict_copy(tmp_path / "src", run["rows"], run["scores"], tmp_path, monkeypatch)
     np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-4)
 
 
 def test_predict_refuses_an_image_of_another_size_in_one_line(run, tmp_path):
     from PIL import Image
 
-    from anomaly_core.deploy.bundle import BundleInputs
-    from anomaly_core.deploy.engines import load_predictor, deploy_module
+    from anomaly_core.deploy.engines import load_predictor
     from anomaly_core.features import load_batch
 
-    export = {"data": {"image_size": SIZE}, "seed": 0, "features": {"dtype": "float16", "batch_size": 4},
-              "backbones": {"visual": backbone(64)}, "score": {"vpt_knn": run["params"]}}
-    inputs = BundleInputs(rows=run["rows"], features=run["feats"], models=run["root"] / "models", params=export,
-                          method="vpt_knn")
-    deploy_module("vpt_knn").write_bundle(inputs, tmp_path / "bundle", {"method": "vpt_knn", "thresholds": {}})
+    write_vpt_bundle(run, tmp_path / "bundle", {})
     Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "big.png")
     engine = load_predictor(tmp_path / "bundle")
     with pytest.raises(Exception, match=r"big.png: 200x200 px at tiling resolution native.*160x160 px$") as err:
