@@ -125,6 +125,8 @@ def stage_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for m in methods:  # a tiling method on the CLIP branch (musc.branch: clip) reads no tiles
             if get_method(m).tiles and "visual" in get_method(m).branches(params):
                 out[stage_name("score", m)]["tiling"] = copy.deepcopy(tiling)
+                if get_method(m).fit is not None:  # it trains on the tiles too (VPT-kNN)
+                    out[stage_name("fit", m)]["tiling"] = copy.deepcopy(tiling)
     # the bundle of any method carries the params its score stage reads (predict runs that same code)
     out["export"]["score"] = {m: copy.deepcopy(out[stage_name("score", m)]) for m in methods}
     return out

@@ -196,9 +196,10 @@ def rule_export_method(params: dict[str, Any], configs: Configs, known: Sequence
 
 
 def rule_tiling_stages(params: dict[str, Any], configs: Configs) -> list[str]:
-    """`tiling.enabled: true`: every selected method that reads the visual branch must tile (`Method.tiles`: kNN
-    and MuSc; VPT-kNN does not), the tile is the visual backbone's input (`tiling.tile` = `backbones.visual.
-    image_size`: tiles are never resized), the kNN's own limits (`kit.knn.check_tiled`), and one
+    """`tiling.enabled: true`: every selected method that reads the visual branch must tile (`Method.tiles`: kNN,
+    VPT-kNN and MuSc), the tile is the visual backbone's input (`tiling.tile` = `backbones.visual.
+    image_size`: tiles are never resized), the tiled kNN's limits (`kit.knn.check_tiled`, on the `knn` section for
+    kNN and for VPT-kNN, which scores with it), and one
     features process (`dist.nproc: 1`). One line per problem, naming the method and the key."""
     tiling = configs.get("tiling")
     if tiling is None or not tiling.enabled:
@@ -218,9 +219,10 @@ def rule_tiling_stages(params: dict[str, Any], configs: Configs) -> list[str]:
         if reads_visual and not m.tiles:
             errors.append(f"tiling.enabled=True: method {name} does not tile (it reads the visual branch resized to "
                           f"backbones.visual.image_size); remove {name} from methods or set tiling.enabled: false")
-        elif m.tiles and configs.get(m.section) is not None:
-            for line in tiling_refusals(name, configs[m.section], tiling):
-                errors.append(line)
+        elif m.tiles:
+            cfg = configs.get("knn") if "knn" in m.score_reads else configs.get(m.section)  # VPT-kNN: kNN's section
+            if cfg is not None:
+                errors.extend(tiling_refusals(name, cfg, tiling))
     visual = configs.get("backbones.visual")
     if visual is not None and visual.image_size != tiling.tile:
         errors.append(f"tiling.tile={tiling.tile}: must equal backbones.visual.image_size={visual.image_size} (the "

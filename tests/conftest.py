@@ -165,3 +165,20 @@ def visa_tree(tmp_path: Path) -> Path:
 def imagefolder_tree(tmp_path: Path) -> Path:
     """Root of a tiny ImageFolder tree (classes circles, squares, stripes)."""
     return make_imagefolder_tree(tmp_path / "imagefolder")
+
+
+def predict_copy(bundle: Path, rows, scores: dict, tmp_path: Path, monkeypatch, category: str = "brick"):
+    """`predict` on a copy of `bundle` alone (no features around it) of a category's test images, from tmp_path:
+    (the predictions, the pipeline's test image scores [N]); asserts no image failed."""
+    import shutil
+
+    from anomaly_core.deploy.predict import predict_files
+
+    shutil.copytree(bundle, tmp_path / "bundle")  # only the bundle: no features
+    monkeypatch.chdir(tmp_path)
+    by_id = {r.id: str(Path(r.image).resolve()) for r in rows}
+    ids, image, _ = scores["test"][category]
+    got = predict_files("bundle", [by_id[i] for i in ids], "out", category=category, heatmaps=True, batch_size=3,
+                        progress=False)
+    assert [g["error"] for g in got] == [""] * len(ids)
+    return got, image

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import predict_copy
 
 from anomaly_core.kit.knn import KnnConfig
 from anomaly_core.kit.tiling import TilingConfig, tile_grid
@@ -109,10 +110,7 @@ def test_score_stage_equals_the_tiled_knn_from_the_image_files(run):
 
 
 def test_predict_on_the_tiled_bundle_reproduces_the_pipeline_test_scores(run, tmp_path, monkeypatch):
-    import shutil
-
     from anomaly_core.deploy.bundle import read_card
-    from anomaly_core.deploy.predict import predict_files
 
     tiling, rows, scores, _, bundle, _ = run
     card = read_card(bundle)
@@ -120,15 +118,9 @@ def test_predict_on_the_tiled_bundle_reproduces_the_pipeline_test_scores(run, tm
         {k: tiling[k] for k in ("tile", "stride", "resolution", "position_aware")}
     assert len(card["tiles"]["brick"]["offsets"]) == 9
     assert len(card["banks"]["brick"]) == (9 if tiling["position_aware"] else 1)
-    shutil.copytree(bundle, tmp_path / "bundle")  # only the bundle: no features
-    monkeypatch.chdir(tmp_path)
-    by_id = {r.id: str(Path(r.image).resolve()) for r in rows}
-    ids, image, _ = scores["test"]["brick"]
-    got = predict_files("bundle", [by_id[i] for i in ids], "out", category="brick", heatmaps=True, batch_size=3,
-                        progress=False)
-    assert [g["error"] for g in got] == [""] * len(ids)
+    got, image = predict_copy(bundle, rows, scores, tmp_path, monkeypatch)
     np.testing.assert_allclose([g["score"] for g in got], image.numpy(), rtol=0, atol=1e-4)
-    assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == len(ids)
+    assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == len(image)
 
 
 def test_onnx_export_of_a_tiled_bundle_is_a_one_line_refusal(run):
@@ -183,9 +175,7 @@ def test_validate_accepts_tiling_for_knn_and_names_what_does_not_tile():
 
     on = _params()
     on["tiling"]["enabled"] = True
-    assert _errors(on) == [  # the default selection holds vpt_knn (reads the visual branch; musc tiles)
-        "tiling.enabled=True: method vpt_knn does not tile (it reads the visual branch resized to "
-        "backbones.visual.image_size); remove vpt_knn from methods or set tiling.enabled: false"]
+    assert _errors(on) == []  # the default selection: kNN, VPT-kNN and MuSc (visual branch) all tile
     on["methods"] = ["zero_shot_clip", "knn", "musc"]
     on["musc"]["branch"] = "clip"  # MuSc on CLIP tokens does not read the tiled branch
     assert _errors(on) == []

@@ -9,10 +9,13 @@ Layout::
                                     of its training stages (AA-CLIP: text.pt, image.pt)
     shots/<branch>/<category>.safetensors   cached features of the train shots (methods whose score builds a
                                     memory bank from them: vpt_knn), stored in `features.dtype` with their ids
+                                    (and, for a tiled branch, their tile offsets and tiled size)
 
 `Predictor` gives the method a feature store (`BatchStore`) holding the new images as `test` rows (and the
 shots' stored features); features are extracted only for the branches the method reads, through the features
-stage's path (backbone, cast to `features.dtype`, back to float32). A transductive method (MuSc) scores every
+stage's path (backbone, cast to `features.dtype`, back to float32); a branch cached with tiling
+(`features_info[branch]["tiling"]`) is re-read from the files at the tiling resolution and cut into its tiles as
+the features stage does (`kit.tiling.extract_tile_features`). A transductive method (MuSc) scores every
 image passed to one call of a category as one unlabeled pool: its scores depend on that set.
 """
 from __future__ import annotations
@@ -65,15 +68,20 @@ def write_bundle(inputs: BundleInputs, out: Path, card: dict[str, Any]) -> dict:
             for cat in categories(rows):
                 part = shot_rows(rows, cat)
                 feats = store.get(b, part)
+                meta = {"ids": [r.id for r in part]}
+                if "tiling" in store.info[b]:  # [S, T, C, h, w] with the tiles' positions
+                    offsets, hw = store.tiles(b, part)
+                    meta.update(tiles=offsets.tolist(), tiled_hw=list(hw))
                 save_tensors(out / "shots" / b / f"{cat}.safetensors",
-                             {k: v.to(getattr(torch, dtype)).contiguous() for k, v in feats.items()},
-                             {"ids": [r.id for r in part]})
+                             {k: v.to(getattr(torch, dtype)).contiguous() for k, v in feats.items()}, meta)
                 shots[cat] = len(part)
     card = {**card, "format": FORMAT, "exported": True, "kind": KIND, "method": method, "image_size": size,
             "features_dtype": dtype, "score_params": score_params, "transductive": m.transductive,
             "features_info": {b: store.info[b] for b in branches},
             "backbone": {b: save_backbone(out, b, backbones_raw[b]) for b in branches},
             "shots": shots, "categories": categories(rows)}
+    if any("tiling" in store.info[b] for b in branches):  # tiles per backbone call in predict (features.batch_size)
+        card["tile_batch"] = int(inputs.params.get("features", {}).get("batch_size", 16))
     write_json(out / "model.json", card)
     return card
 
@@ -87,9 +95,12 @@ class BatchStore:
     reads only its branches), through the feature stage's path: backbone, cast to `dtype`, back to float32."""
 
     def __init__(self, info: dict, backbones: dict, dtype: torch.dtype, shots: dict[str, dict[str, torch.Tensor]],
-                 shot_ids: list[str]):
+                 shot_ids: list[str], shot_tiles: dict[str, tuple[torch.Tensor, tuple[int, int]]] | None = None,
+                 tile_batch: int = 16, category: str = ""):
         self.info, self.backbones, self.dtype = info, backbones, dtype
         self._shots = shots                      # {branch: {key: [n_shots, ...]}} in `shot_ids` order
+        self._shot_tiles = shot_tiles or {}      # {tiled branch: (offsets [T, 2], tiled (H, W))} of the shots
+        self._tile_batch, self._category = tile_batch, category
         self._shot_index = {i: n for n, i in enumerate(shot_ids)}
         self._new: dict[str, dict[str, torch.Tensor]] = {}
         self._images: torch.Tensor | None = None  # uint8 [B, S, S, 3] at `self._size`
@@ -107,11 +118,44 @@ class BatchStore:
             if branch not in self.backbones:
                 raise DataError(f"the bundle has no {branch} backbone")
             bb = self.backbones[branch]
+            if "tiling" in self.info[branch]:
+                self._new[branch] = self._extract_tiles(branch)
+                return self._new[branch]
             images = self._images
             if bb.image_size != self._size:  # decoded at another branch's size: decode again, as the features stage
                 images = load_batch(self._paths, bb.image_size)
             self._new[branch] = encode_batch(bb, images, self.dtype)
         return self._new[branch]
+
+    def _extract_tiles(self, branch: str) -> dict[str, torch.Tensor]:
+        """The new images' tile features {"level_j": [B, T, C, h, w]}, re-read from their files at the tiling
+        resolution; an image tiled at another size than the shots is a DataError naming it."""
+        from anomaly_core.config import build
+        from anomaly_core.kit.tiling import TilingConfig, extract_tile_features
+
+        tiling = build(TilingConfig, self.info[branch]["tiling"], "model.json features_info tiling")
+        if not all(self._paths):
+            raise DataError(f"a bundle of tiled {branch} features reads its images from their files (give paths)")
+        _, hw = self._shot_tiles[branch]
+        out: dict[str, list[torch.Tensor]] = {}
+        for path in self._paths:  # one image at a time: its tiles are the batch, as in the features stage
+            feats, _, got = extract_tile_features(self.backbones[branch], [path], tiling, self._tile_batch, self.dtype,
+                                                  max_pixels=2**62)  # predict checked --max-pixels
+            if got != hw:
+                raise DataError(f"{path}: {got[0]}x{got[1]} px at tiling resolution {tiling.resolution}, the "
+                                f"bundle's category {self._category} was tiled at {hw[0]}x{hw[1]} px")
+            for k, v in feats.items():
+                out.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def tiles(self, branch: str, rows) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(tile offsets [T, 2], tiled (H, W)) as `FeatureStore.tiles`: the shots' (new images of another size are
+        refused when extracted)."""
+        if branch not in self._shot_tiles:
+            raise DataError(f"the bundle's {branch} features are not tiled")
+        if any(r.id.startswith(NEW) for r in rows):
+            self._extract(branch)
+        return self._shot_tiles[branch]
 
     def get(self, branch: str, rows) -> dict[str, torch.Tensor]:
         """Features of rows (shots or new images) in the rows' order, as float32 (as `FeatureStore.get`)."""
@@ -159,13 +203,16 @@ class Predictor:
         if self._category == category:
             return
         require_category(self.card, category)
-        shots, ids = {}, []
+        shots, ids, tiles = {}, [], {}
         for branch in self.card["backbone"]:
             path = self.bundle / "shots" / branch / f"{category}.safetensors"
             if path.is_file():
                 shots[branch], meta = load_tensors(path)
                 ids = list(meta["ids"])
-        self._store = BatchStore(self.card["features_info"], self.backbones, self.dtype, shots, ids)
+                if "tiles" in meta:
+                    tiles[branch] = (torch.tensor(meta["tiles"], dtype=torch.long), tuple(meta["tiled_hw"]))
+        self._store = BatchStore(self.card["features_info"], self.backbones, self.dtype, shots, ids, tiles,
+                                 int(self.card.get("tile_batch", 16)), category)
         self._shot_rows = [Row(i, category, "train", 0, "", "", "", 1) for i in ids]
         ctx = context_for(self.method, self.params, [], self._store, self.bundle / "model")
         ctx._clip = self.backbones.get("clip")  # the bundle's CLIP weights, never a rebuild from the config

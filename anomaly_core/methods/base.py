@@ -96,7 +96,8 @@ class Method:
       score stage ("" when it would); a non-empty reason makes export refuse (AA-CLIP's `aaclip.scoring: official`
       normalises scores over the scored set).
     * `tiles`: with `tiling.enabled` its score stage (and bundle) reads tiled visual features (`validate` adds the
-      `tiling` section to its score config); a selected method reading the visual branch without it is refused.
+      `tiling` section to its score config, and to its fit config when it trains: VPT-kNN); a selected method
+      reading the visual branch without it is refused.
     """
 
     name: str

@@ -18,7 +18,7 @@ import torch
 from anomaly_core.data.holdout import shot_rows
 from anomaly_core.data.manifest import Row
 from anomaly_core.errors import ConfigError
-from anomaly_core.kit.knn import KnnConfig, PatchKnn, check_tiled, knn_search, reweight_scores
+from anomaly_core.kit.knn import KnnConfig, PatchKnn, Transform, check_tiled, knn_search, reweight_scores
 from anomaly_core.kit.scores import Scores, score_splits
 from anomaly_core.kit.maps import image_score_from_map, smooth, upsample
 from anomaly_core.kit.patches import cnn_patches
@@ -109,26 +109,35 @@ def flat_levels(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.flatten(0, 1) for k, v in feats.items() if k.startswith("level_")}
 
 
+def cached_tile_grids(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, category: str = "",
+                      transform: Transform | None = None) -> torch.Tensor:
+    """The cached tile features of `rows` -> patch descriptors [N * T, h, w, D] (image-major tiles), mapped by
+    `transform(category, grids)` when given (VPT-kNN's prompts: bank and queries alike, as `knn_scores`)."""
+    grids = tile_grids(flat_levels(store.get(cfg.branch, rows)), cfg)
+    return transform(category, grids) if transform is not None else grids
+
+
 def fit_category(store: FeatureStore, rows: Sequence[Row], category: str, cfg: KnnConfig, tiling: TilingConfig,
-                 seed: int = 0) -> tuple[TiledKnn, torch.Tensor, tuple[int, int]]:
+                 seed: int = 0, transform: Transform | None = None) -> tuple[TiledKnn, torch.Tensor, tuple[int, int]]:
     """A category's banks from the cached tile features of its shots -> (TiledKnn, tile offsets [T, 2], (H, W))."""
     shots = shot_rows(rows, category)
     offsets, hw = store.tiles(cfg.branch, shots)
-    grids = tile_grids(flat_levels(store.get(cfg.branch, shots)), cfg)  # [S * T, h, w, D]
+    grids = cached_tile_grids(store, shots, cfg, category, transform)  # [S * T, h, w, D]
     return TiledKnn.fit(grids, len(offsets), cfg, tiling, seed), offsets, hw
 
 
 def store_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, tiling: TilingConfig, size: int,
-                 seed: int = 0, chunk: int = 4) -> Scores:
+                 seed: int = 0, chunk: int = 4, transform: Transform | None = None) -> Scores:
     """score@knn with tiling: per category, the banks of the shots' cached tiles, then the val / test images'
     cached tiles scored `chunk` images at a time (memory bounded at any resolution), maps stitched and resized to
-    `size` (data.image_size) [N, size, size]."""
+    `size` (data.image_size) [N, size, size]. `transform(category, grids)` maps the tile descriptors of bank and
+    queries alike (VPT-kNN)."""
     check_tiled(cfg, tiling)
     current: dict[str, tuple[TiledKnn, torch.Tensor, tuple[int, int]]] = {}
 
     def prepare(cat: str) -> None:
         current.clear()
-        current[cat] = fit_category(store, rows, cat, cfg, tiling, seed)
+        current[cat] = fit_category(store, rows, cat, cfg, tiling, seed, transform)
 
     def part_scores(cat: str, part: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
         knn, offsets, hw = current[cat]
@@ -138,7 +147,7 @@ def store_scores(store: FeatureStore, rows: Sequence[Row], cfg: KnnConfig, tilin
                               f"at {hw[0]}x{hw[1]} px; set tiling.resolution to a side in px")
         images, maps = [], []
         for s in range(0, len(part), chunk):
-            grids = tile_grids(flat_levels(store.get(cfg.branch, part[s : s + chunk])), cfg)
+            grids = cached_tile_grids(store, part[s : s + chunk], cfg, cat, transform)
             image, m = knn.predict(grids, offsets, hw, size)
             images.append(image)
             maps.append(m.half())  # the stored precision (score files hold float16 maps): half the memory

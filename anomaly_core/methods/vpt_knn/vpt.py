@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from anomaly_core.kit.scores import category_seed
 from anomaly_core.store import FeatureStore
 
 __all__ = ["VptConfig", "PromptModulator", "similarity_stats", "separability_loss", "contrastive_loss",
-           "image_embeddings", "fit_vpt", "train_vpt", "save_vpt", "load_vpt", "KIND"]
+           "image_embeddings", "fit_vpt", "train_vpt", "train_categories", "save_vpt", "load_vpt", "KIND"]
 
 KIND = "vpt_knn"
 
@@ -232,6 +232,9 @@ def _init_prompts(normal: torch.Tensor, num_prompts: int, seed: int) -> torch.Te
     return flat[idx].float().clone()
 
 
+Grids = Callable[[Sequence[Row]], torch.Tensor]  # rows -> patch grids [M, h, w, D] (M = N, or N * T tiles)
+
+
 def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, branch: str, aggregate: int,
               pad: str = "zeros", progress: bool = False) -> tuple[dict[str, PromptModulator], dict[str, dict]]:
     """One PromptModulator per category on the patch grids of the kNN branch (`knn.branch`, `knn.patch_aggregate`,
@@ -239,6 +242,14 @@ def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, branch: 
 
     Returns ({category: model}, {category: history + "split"}). A category with < 2 shots or no val
     anomaly keeps its initial prompts (history["note"] says why)."""
+    grid = lambda part: patch_grid(store, branch, part, aggregate, pad)  # [N, h, w, D]
+    return train_categories(rows, cfg, lambda cat: (grid, grid), progress)
+
+
+def train_categories(rows: Sequence[Row], cfg: VptConfig, grids: Callable[[str], tuple[Grids, Grids]],
+                     progress: bool = False) -> tuple[dict[str, PromptModulator], dict[str, dict]]:
+    """`train_vpt` on any grids: `grids(category)` -> (normal rows -> grids, defect rows -> grids); the items of
+    the grids (images, or tiles: methods/vpt_knn/tiled.py) are what the batches and the embeddings are made of."""
     models, report = {}, {}
     for cat in categories(rows):
         seed = category_seed(cfg.seed, KIND, cat)
@@ -246,15 +257,16 @@ def train_vpt(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, branch: 
         pool = split.train_anomalous
         order = stable_rng(cfg.seed, f"{KIND}/defects/{cat}").permutation(len(pool))[:cfg.num_defect_samples]
         defects = [pool[i] for i in sorted(order.tolist())]
-        grid = lambda part: patch_grid(store, branch, part, aggregate, pad)  # [N, h, w, D]
+        grid, defect_grid = grids(cat)
         normal = grid(split.train_normal)
         model = PromptModulator(_init_prompts(normal, cfg.num_prompts, seed), cfg.prompt_scale, cfg.learnable_scale)
         info = {"split": {**split.counts(), "defect_samples": len(defects)}}
         if normal.shape[0] < 2 or not defects:
             report[cat] = {**info, "note": "fewer than 2 shots or no val anomaly: prompts left at initialisation"}
         else:
-            holdout = ((grid(split.holdout_normal), grid(split.holdout_anomalous)) if split.has_holdout else None)
-            report[cat] = {**info, **fit_vpt(model, normal, grid(defects), holdout, cfg, seed, progress,
+            holdout = ((grid(split.holdout_normal), defect_grid(split.holdout_anomalous)) if split.has_holdout
+                       else None)
+            report[cat] = {**info, **fit_vpt(model, normal, defect_grid(defects), holdout, cfg, seed, progress,
                                              f"{KIND}/{cat}")}
         models[cat] = model
     return models, report
