@@ -34,3 +34,9 @@ def score(model: PatchcoreModel, grid: torch.Tensor, queries: torch.Tensor) -> t
     patch, loc = model.nearest_neighbors(embedding=queries, n_neighbors=1)
     patch, loc = patch.reshape(b, -1), loc.reshape(b, -1)
     return patch, model.compute_anomaly_score(patch, loc, queries)
+
+
+def anomaly_map(model: PatchcoreModel, patch: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """PatchcoreModel.forward's map: patch scores [N, h*w] -> anomaly_map_generator (nearest upsampling to the
+    input size, GaussianBlur2d sigma 4) -> [N, H, W]."""
+    return model.anomaly_map_generator(patch.reshape(patch.shape[0], 1, *grid), size)[:, 0]
