@@ -78,11 +78,11 @@ def load_input(paths: list[str], mode: str, size: int) -> torch.Tensor:
 
     out = []
     for p in paths:
-        img = load_image(p)
+        img = np.array(load_image(p))  # a writable copy for torch
         if mode == "pil224":
             if img.shape[:2] != (size, size):
                 img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
-            out.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255.0)
+            out.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0)
             continue
         x = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0  # anomalib reads images as float in [0, 1]
         side = 224 if mode == "tv224" else 256
@@ -226,7 +226,7 @@ def main() -> None:
                 for name, mode in PEERS.items():
                     check = None
                     if ci == 0 and mode == "tv256":  # our replica of anomalib's pre-processor vs its own
-                        check = torch.stack([torch.from_numpy(load_image(r.image)).permute(2, 0, 1).float() / 255.0
+                        check = torch.stack([torch.from_numpy(np.array(load_image(r.image))).permute(2, 0, 1).float() / 255.0
                                              for r in test_rows[:4]])
                     side = 256 if mode == "tv256" else 224
                     got = peer(feats[mode]["train"], feats[mode]["test"], side, seed, args.peer_python, Path(tmp),

@@ -2,7 +2,8 @@
 (runs in the anomalib venv: /tmp/fidelity/anomalib/bin/python scripts/compare_peer_patchcore.py in.pt out.pt).
 
 in.pt: {train: [f1, f2], test: [f1, f2]} (two CNN levels of our backbone, finest first, float32 [N, C, h, w]),
-ratio (coreset sampling ratio), seed, size (the input side the maps are upsampled to, as PatchcoreModel.forward
+ratio (coreset sampling ratio), seed, library_coreset_loop (default False: patchcore_driver.fit_lean, KCenterGreedy's
+projection and first pick with a lean greedy loop; True: the library's loop, which holds ~20 MB per pick here), size (the input side the maps are upsampled to, as PatchcoreModel.forward
 does with its input's size); optionally check_images (float [n, 3, H, W] in [0, 1]) to run through anomalib's own
 `Patchcore.configure_pre_processor()` (Resize 256, antialias) and with `center_crop_size=(224, 224)`, so the caller
 can check its replica of the peer's input. Driven by scripts/fidelity/patchcore_driver.py (shared with peer_knn.py
@@ -14,18 +15,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fidelity"))
-from patchcore_driver import anomaly_map, build, embed, fit, score  # noqa: E402
+from patchcore_driver import anomaly_map, build, embed, fit, fit_lean, score  # noqa: E402
 
 inp = torch.load(sys.argv[1])
 out: dict = {}
 model = build()
 with torch.no_grad():
     _, bank = embed(model, inp["train"])
-    sampler = fit(model, bank, inp["ratio"], inp["seed"])
+    if inp.get("library_coreset_loop"):
+        picks = fit(model, bank, inp["ratio"], inp["seed"]).picks
+    else:
+        picks = fit_lean(model, bank, inp["ratio"], inp["seed"])["picks"]
     grid_test, queries = embed(model, inp["test"])
     patch, image = score(model, grid_test, queries)
     out.update(image=image, maps=anomaly_map(model, patch, tuple(grid_test.shape[-2:]), (inp["size"], inp["size"])),
-               bank=bank.shape[0], coreset=len(sampler.picks))
+               bank=bank.shape[0], coreset=len(picks))
 if "check_images" in inp:
     from anomalib.models import Patchcore
 
