@@ -117,3 +117,43 @@ def protocol_note(val_fraction: float, untrained: Sequence[str], input_warnings:
     if input_warnings:
         note["input_warnings"] = list(input_warnings)
     return note
+
+
+# A frame: the image region (start, end) as fractions of the image side (the same on both axes) and the side in
+# px the maps and masks are evaluated at. Comparing two systems on the same pixels (scripts/compare_peer_knn.py)
+# needs every map brought to one frame: e.g. the whole image at 224 px, or the central 224/256 that a
+# Resize 256 + CenterCrop 224 pre-processor keeps.
+Frame = tuple[tuple[float, float], int]
+
+
+def frame_maps(maps: torch.Tensor, src: tuple[float, float], frame: Frame) -> np.ndarray:
+    """Maps [N, S, S] covering the image region `src` (fractions of the side) -> the frame's region at its side
+    [N, R, R] float32: cut at the nearest map pixels, then bilinear (align_corners False). ValueError when the
+    frame reaches outside `src` (the map never saw those pixels)."""
+    (f0, f1), res = frame
+    s = maps.shape[-1]
+    if f0 < src[0] - 1e-9 or f1 > src[1] + 1e-9:
+        raise ValueError(f"frame {frame} reaches outside the maps' region {src}")
+    scale = s / (src[1] - src[0])
+    a, b = round((f0 - src[0]) * scale), round((f1 - src[0]) * scale)
+    x = maps[:, a:b, a:b].float()
+    if x.shape[-1] != res:
+        x = torch.nn.functional.interpolate(x[:, None], size=(res, res), mode="bilinear", align_corners=False)[:, 0]
+    return x.numpy()
+
+
+def frame_masks(rows: Sequence[Row], frame: Frame) -> np.ndarray:
+    """Native ground-truth masks -> the frame's region (cut at the nearest native pixels), resized nearest to its
+    side: bool [N, R, R]; normal images are empty."""
+    (f0, f1), res = frame
+    out = np.zeros((len(rows), res, res), dtype=bool)
+    for i, row in enumerate(rows):
+        if not row.mask:
+            continue
+        m = load_mask(row.mask, None)
+        (h, w) = m.shape
+        m = m[round(f0 * h) : round(f1 * h), round(f0 * w) : round(f1 * w)]
+        if m.shape != (res, res):
+            m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((res, res), Image.NEAREST)) > 127
+        out[i] = m
+    return out
