@@ -212,6 +212,8 @@ def official_test_map(tokens: Sequence[torch.Tensor], anchors: torch.Tensor, gri
         logits = _grid_logits(t, anchors, grid, LOGIT_SCALE)  # [B, 2, g, g]
         m = ((logits[:, 1] + 1.0 - logits[:, 0]) / 2.0)[:, None]  # [B, 1, g, g]
         if sigma > 0:
+            import kornia  # here, not at import (validate reads this module's configs)
+
             m = kornia.filters.gaussian_blur2d(m, (ksize, ksize), (sigma, sigma), border_type="reflect")
         m = F.interpolate(m, size=(out_size, out_size), mode="bilinear", align_corners=True)[:, 0]
         total = m if total is None else total + m
