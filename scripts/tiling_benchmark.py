@@ -66,7 +66,7 @@ def run_path(path: str, root: Path, categories: list[str], tile: int, stride: in
     from anomaly_core.kit.knn import KnnConfig, PatchKnn
     from anomaly_core.kit.patches import cnn_patches
     from anomaly_core.kit.tiling import TilingConfig, resize_maps
-    from anomaly_core.methods.knn.tiled import tiled_knn_scores
+    from anomaly_core.kit.tiled_knn import tiled_knn_scores
     from anomaly_core.store import level_list
 
     torch.manual_seed(0)

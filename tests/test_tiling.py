@@ -76,7 +76,7 @@ from dataclasses import replace  # noqa: E402
 import numpy as np  # noqa: E402
 
 from anomaly_core.kit.knn import KnnConfig, PatchKnn  # noqa: E402
-from anomaly_core.methods.knn.tiled import TiledKnn, check_tiled  # noqa: E402
+from anomaly_core.kit.tiled_knn import TiledKnn, check_tiled  # noqa: E402
 
 
 def test_one_tile_covering_the_image_is_the_untiled_knn():

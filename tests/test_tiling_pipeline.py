@@ -94,7 +94,7 @@ def test_score_stage_equals_the_tiled_knn_from_the_image_files(run):
     (`tiled_knn_scores`, features straight from the files in float16): same numbers."""
     from anomaly_core.backbones import create_backbone
     from anomaly_core.data.holdout import shot_rows
-    from anomaly_core.methods.knn.tiled import tiled_knn_scores
+    from anomaly_core.kit.tiled_knn import tiled_knn_scores
 
     tiling, rows, scores, _, _, cfg = run
     ids, image, maps = scores["test"]["brick"]

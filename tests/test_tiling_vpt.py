@@ -196,9 +196,9 @@ def slow_maps(run, ids: list[str], exact: bool) -> torch.Tensor:
 
 
 def float32_maps(run, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tiled machinery score@vpt_knn runs (knn.tiled fit_category / TiledKnn.predict with the prompts as the
+    """The tiled machinery score@vpt_knn runs (kit.tiled_knn fit_category / TiledKnn.predict with the prompts as the
     transform), before the stored float16 cast."""
-    from anomaly_core.methods.knn.tiled import cached_tile_grids, fit_category
+    from anomaly_core.kit.tiled_knn import cached_tile_grids, fit_category
     from anomaly_core.store import FeatureStore
 
     store, tiling = FeatureStore(run["feats"]), TilingConfig(**run["tiling"])

@@ -481,7 +481,7 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (category, grid [N, h
 
 
 def check_tiled(cfg: KnnConfig, tiling, section: str = "tiling") -> None:
-    """One-line refusals (ConfigError) of the settings the tiled kNN (`methods/knn/tiled.py`, `kit.tiling.TilingConfig`
+    """One-line refusals (ConfigError) of the settings the tiled kNN (`kit/tiled_knn.py`, `kit.tiling.TilingConfig`
     `tiling`) does not support."""
     if cfg.branch != "visual":
         raise ConfigError(f"{section}.enabled=true needs knn.branch=visual (got {cfg.branch}): CLIP tokens are not tiled")

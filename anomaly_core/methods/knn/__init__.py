@@ -16,7 +16,7 @@ from anomaly_core.methods.base import Context, Method, branch_of
 def score(ctx: Context, states: dict) -> Scores:
     tiling = tiling_from(ctx.params)  # present in score-knn.json only with tiling.enabled: true
     if tiling is not None:
-        from anomaly_core.methods.knn.tiled import store_scores
+        from anomaly_core.kit.tiled_knn import store_scores
 
         return store_scores(ctx.store, ctx.rows, ctx.cfg, tiling, ctx.size, ctx.seed)
     return knn_scores(ctx.store, ctx.rows, ctx.cfg, ctx.size, ctx.seed, ctx.progress)

@@ -72,7 +72,7 @@ def write_tiled_bundle(inputs: BundleInputs, out: Path, card: dict[str, Any], cf
     """A tiled kNN bundle: `knn/<category>.safetensors` holds `bank_<j>` per tile position (`tiling.position_aware`)
     or one `bank_0`, built as score@knn builds them (`tiled.fit_category`); the card records the tiling (tile,
     stride, resolution) and each category's tile offsets and tiled size."""
-    from anomaly_core.methods.knn.tiled import fit_category
+    from anomaly_core.kit.tiled_knn import fit_category
 
     banks, tiles = {}, {}
     for cat in categories(inputs.rows):
@@ -151,7 +151,7 @@ class Predictor:
     def tiled(self, category: str, paths: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """A tiled bundle: the files re-read at the tiling resolution (the decoded 224 px batch is not used), cut
         into the category's tiles, encoded and scored against its banks as score@knn does (`TiledKnn.predict`)."""
-        from anomaly_core.methods.knn.tiled import TiledKnn, flat_levels, tile_grids
+        from anomaly_core.kit.tiled_knn import TiledKnn, flat_levels, tile_grids
 
         if paths is None:
             raise DataError(f"{self.bundle}: a tiled kNN bundle reads its images from their files (give paths)")

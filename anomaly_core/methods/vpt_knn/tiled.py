@@ -1,5 +1,5 @@
 """VPT-kNN on tiles (`tiling.enabled`): the prompts are trained on the cached tile descriptors of the kNN branch
-(tiles are the items of the batches and of the embeddings), then the tiled patch kNN of `methods/knn/tiled.py`
+(tiles are the items of the batches and of the embeddings), then the tiled patch kNN of `kit/tiled_knn.py`
 scores the prompt-modulated tiles (banks of the shots' modulated tile patches, one or per tile position, stitched
 maps with overlaps averaged, image score from the stitched map or the re-weighting).
 
@@ -20,7 +20,7 @@ from anomaly_core.data.manifest import Row
 from anomaly_core.kit.knn import KnnConfig
 from anomaly_core.kit.scores import Scores
 from anomaly_core.kit.tiling import TilingConfig
-from anomaly_core.methods.knn.tiled import cached_tile_grids, store_scores
+from anomaly_core.kit.tiled_knn import cached_tile_grids, store_scores
 from anomaly_core.methods.vpt_knn.vpt import PromptModulator, VptConfig, train_categories
 from anomaly_core.store import FeatureStore
 
@@ -74,5 +74,5 @@ def train_vpt_tiled(store: FeatureStore, rows: Sequence[Row], cfg: VptConfig, kc
 
 def score_vpt_tiled(store: FeatureStore, rows: Sequence[Row], kcfg: KnnConfig, tiling: TilingConfig, size: int,
                     seed: int, states: dict[str, PromptModulator]) -> Scores:
-    """score@vpt_knn with tiling: the tiled kNN (`knn.tiled.store_scores`) on the prompt-modulated tile grids."""
+    """score@vpt_knn with tiling: the tiled kNN (`kit.tiled_knn.store_scores`) on the prompt-modulated tile grids."""
     return store_scores(store, rows, kcfg, tiling, size, seed, transform=lambda cat, g: states[cat].transform(g))

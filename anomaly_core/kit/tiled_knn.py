@@ -1,4 +1,4 @@
-"""Tiled patch kNN at native resolution: each image is cut into overlapping tiles (kit/tiling.py), every tile goes
+"""Tiled patch kNN at native resolution (shared by the knn and vpt_knn methods, so it lives in the kit): each image is cut into overlapping tiles (kit/tiling.py), every tile goes
 through the frozen backbone at its own resolution (tiles are the batch), the shots' tile patches form the memory
 bank (one bank, or one per tile position with `tiling.position_aware`), test tiles are scored against it, the
 per-tile maps are upsampled to tile pixels and stitched back with overlaps averaged, then smoothed at the output
