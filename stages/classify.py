@@ -16,7 +16,7 @@ from anomaly_core.data import manifest as mf
 from anomaly_core.evaluation import protocol_note, rounded
 from anomaly_core.io import write_json
 from anomaly_core.store import FeatureStore
-from stages.common import friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config, run
 
 app = typer.Typer(add_completion=False)
 
@@ -49,4 +49,4 @@ def main(classes: Path = typer.Option(Path("data/prepared/classification.csv")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -5,7 +5,7 @@ import typer
 
 from anomaly_core.config import DemoConfig, build
 from anomaly_core.data.demo import generate_demo
-from stages.common import friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config, run
 
 app = typer.Typer(add_completion=False)
 
@@ -22,4 +22,4 @@ def main(out: Path = typer.Option(Path("data/demo"), help="output root (MVTec AD
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

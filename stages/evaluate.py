@@ -10,7 +10,7 @@ from anomaly_core.deploy.thresholds import ThresholdConfig
 from anomaly_core.data import manifest as mf
 from anomaly_core.data.holdout import selection_protocol
 from anomaly_core.io import read_json, write_json, write_text
-from stages.common import friendly_errors, get, load_config, progress
+from stages.common import friendly_errors, get, load_config, progress, run
 
 app = typer.Typer(add_completion=False)
 
@@ -52,4 +52,4 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

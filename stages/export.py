@@ -9,7 +9,7 @@ import typer
 from anomaly_core.data import manifest as mf
 from anomaly_core.deploy.export import export_experiment
 from anomaly_core.io import read_json, write_json
-from stages.common import friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config, run
 
 app = typer.Typer(add_completion=False)
 
@@ -42,4 +42,4 @@ def main(config: Path = typer.Option(Path("data/config/export.json")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

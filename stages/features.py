@@ -20,7 +20,7 @@ from anomaly_core.data import manifest as mf
 from anomaly_core.features import extract_features_sharded
 from anomaly_core.kit.tiling import extract_tile_features, tiling_from
 from anomaly_core.io import save_tensors, write_json
-from stages.common import device, friendly_errors, load_config, progress
+from stages.common import device, friendly_errors, load_config, progress, run
 
 app = typer.Typer(add_completion=False)
 BRANCHES = ("visual", "clip")
@@ -96,4 +96,4 @@ def main(images: Path = typer.Option(Path("data/prepared/images.csv")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

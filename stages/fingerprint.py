@@ -18,7 +18,7 @@ from anomaly_core.fingerprint import (
     weights_fingerprint,
 )
 from anomaly_core.io import write_json
-from stages.common import friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config, run
 
 app = typer.Typer(add_completion=False)
 BRANCHES = ("visual", "clip")
@@ -62,4 +62,4 @@ def main(config: Path = typer.Option(Path("data/config/fingerprint.json")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -15,6 +15,7 @@ from stages.common import (
     get,
     load_config,
     progress,
+    run,
     seed_everything,
     skip_outputs,
     skip_unless_anomaly,
@@ -61,4 +62,4 @@ def main(method: str = typer.Option(...),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from anomaly_core.io import write_json
-from stages.common import friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config, run
 
 app = typer.Typer(add_completion=False)
 
@@ -64,4 +64,4 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

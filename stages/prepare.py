@@ -17,7 +17,7 @@ from anomaly_core.config import DataConfig, build, shots_value
 from anomaly_core.data import checks, readers
 from anomaly_core.data import manifest as mf
 from anomaly_core.io import write_json
-from stages.common import friendly_errors, get, load_config
+from stages.common import friendly_errors, get, load_config, run
 
 app = typer.Typer(add_completion=False)
 
@@ -59,4 +59,4 @@ def main(demo_root: Path = typer.Option(Path("data/demo")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -10,7 +10,7 @@ from anomaly_core.data import manifest as mf
 from anomaly_core.methods import get_method
 from anomaly_core.methods.base import context_for, states_path
 from anomaly_core.store import FeatureStore, save_scores
-from stages.common import device, friendly_errors, get, load_config, progress, seed_everything, skip_unless_anomaly
+from stages.common import device, friendly_errors, get, load_config, progress, run, seed_everything, skip_unless_anomaly
 
 app = typer.Typer(add_completion=False)
 
@@ -37,4 +37,4 @@ def main(method: str = typer.Option(...),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

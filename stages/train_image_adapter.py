@@ -4,7 +4,7 @@ from pathlib import Path
 import typer
 
 from anomaly_core.tracking import log_history
-from stages.common import device, friendly_errors, get, load_config, progress, seed_everything, skip_outputs
+from stages.common import device, friendly_errors, get, load_config, progress, run, seed_everything, skip_outputs
 
 app = typer.Typer(add_completion=False)
 
@@ -32,4 +32,4 @@ def main(manifest: Path = typer.Option(Path("data/prepared/manifest.csv")),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -11,7 +11,7 @@ import typer
 
 from anomaly_core.io import write_json
 from anomaly_core.pipeline import check_params
-from stages.common import friendly_errors, load_params
+from stages.common import friendly_errors, load_params, run
 
 app = typer.Typer(add_completion=False)
 
@@ -33,4 +33,4 @@ def main(params_file: Path = typer.Option(Path("params.yaml"), "--params"),
 
 
 if __name__ == "__main__":
-    app()
+    run(app)
