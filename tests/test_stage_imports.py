@@ -126,3 +126,38 @@ def test_resolve_name_families():
     assert resolve_name("efficientnet_lite0") == ("timm", "efficientnet_lite0")
     assert resolve_name("timm:ViT-L-14-336") == ("timm", "ViT-L-14-336")
     assert resolve_name("open_clip:hf-hub:x/y") == ("open_clip", "hf-hub:x/y")
+
+
+def test_every_stage_script_ends_through_common_run():
+    """Each stage script's entry point is `stages.common.run(app)` (the fast exit after a successful main)."""
+    for name in ALLOWED:
+        text = (ROOT / "stages" / f"{name}.py").read_text()
+        assert text.rstrip().endswith('if __name__ == "__main__":\n    run(app)'), name
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_fast_exit_keeps_outputs_output_and_exit_codes(tmp_path, fast):
+    """A stage process that leaves with os._exit(0) (ANOMALY_CORE_FAST_EXIT unset / 1) or through the normal
+    teardown (0) prints the same (piped stdout flushed), writes the same files and its timing line; a failing
+    stage still exits 2 with its one-line error."""
+    cfg = tmp_path / "fit-knn.json"
+    cfg.write_text(json.dumps({"method": "knn", "skip": "knn: no fit (training-free)", "task": "anomaly"}))
+    times = tmp_path / "times.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ANOMALY_CORE_FAST_EXIT": fast, "ANOMALY_CORE_STAGE_TIMES": str(times)}
+
+    def fit(config: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "stages/fit.py", "--method", "knn", "--config", str(config), "--models",
+               str(tmp_path / "models"), "--report", str(tmp_path / "fit.json"), "--curves", str(tmp_path / "curves")]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    res = fit(cfg)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "skipped: knn: no fit (training-free)\n"
+    assert json.loads((tmp_path / "fit.json").read_text()) == []
+    assert (tmp_path / "models" / "state" / "SKIPPED").read_text() == "knn: no fit (training-free)\n"
+    assert (tmp_path / "curves" / "metrics.json").is_file()
+    [line] = [json.loads(x) for x in times.read_text().splitlines()]
+    assert line["stage"] == "fit" and line["compute_s"] >= 0
+    res = fit(tmp_path / "missing.json")
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: fit: missing ")
